@@ -1,0 +1,1 @@
+"""Backbone split into a shared frozen trunk and trainable top stacks; router, experts, aggregator."""
