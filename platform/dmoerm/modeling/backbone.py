@@ -125,8 +125,8 @@ class Backbone(nn.Module):
         """
         tok = self.tokenizer
         ctx_texts = [render_context(c) for c in contexts]
-        ctx_ids = tok(ctx_texts, add_special_tokens=False)["input_ids"]
-        resp_ids = tok([r or "" for r in responses], add_special_tokens=False)["input_ids"]
+        ctx_ids = tok(ctx_texts, add_special_tokens=False, verbose=False)["input_ids"]
+        resp_ids = tok([r or "" for r in responses], add_special_tokens=False, verbose=False)["input_ids"]
         if self.is_encoder:
             head, mid, tail = [tok.cls_token_id], [tok.sep_token_id], [tok.sep_token_id]
         else:
@@ -210,14 +210,15 @@ class Backbone(nn.Module):
 
 def load_backbone(name_or_path: str, *, top_layers: int, pooling: Pooling = "auto", max_length: int = 512,
                   revision: str | None = None, trust_remote_code: bool = False,
-                  dtype: torch.dtype = torch.float32) -> Backbone:
+                  dtype: torch.dtype = torch.float32, tokenizer_path: str | None = None) -> Backbone:
     """Load any HF backbone (a local path, a hub id resolved offline, or ``"minilm"``)."""
     from transformers import AutoModel, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
     if not Path(path).exists():
         logger.info("loading %s from the Hugging Face cache (revision %s)", path, revision)
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path, revision=None if tokenizer_path else revision,
+                                              trust_remote_code=trust_remote_code)
     model = AutoModel.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code,
                                       dtype=dtype)
     return Backbone(model, tokenizer, top_layers=top_layers, pooling=pooling, max_length=max_length,

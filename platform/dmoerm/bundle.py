@@ -1,0 +1,143 @@
+"""The model bundle: everything needed to score, in one versioned folder (DESIGN.md §5).
+
+    bundle.json                  format version, base model reference + revision + weight fingerprint,
+                                 pooling, max length, taxonomy, LoRA and aggregator settings, metrics
+    tokenizer/                   the tokenizer files
+    router.safetensors           router head
+    categories/<name>/experts.safetensors     top blocks + every LoRA adapter + every expert's value head
+    categories/<name>/aggregator.safetensors
+    baseline.safetensors         the single-RM baseline's top (optional)
+
+Weights are safetensors only; metadata is JSON. Never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+
+from dmoerm.modeling.aggregator import Aggregator, AggregatorSpec
+from dmoerm.modeling.backbone import Backbone, load_backbone
+from dmoerm.modeling.reward_model import CategoryModel, RewardModel, SingleRewardModel
+from dmoerm.modeling.router import RouterHead
+from dmoerm.modeling.top import LoraSettings, TopStack, attach_experts
+
+logger = logging.getLogger(__name__)
+BUNDLE_FORMAT = 1
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _save(tensors: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(path))
+
+
+@dataclass
+class LoadedBundle:
+    model: RewardModel
+    baseline: SingleRewardModel | None
+    meta: dict[str, Any]
+    path: Path
+
+
+def save_bundle(path: str | Path, model: RewardModel, *, lora: LoraSettings, aggregator: AggregatorSpec,
+                router_width: int, baseline: TopStack | None = None, metrics: dict | None = None,
+                extra: dict | None = None) -> str:
+    """Write the bundle to a local folder or an ``s3://`` prefix; returns where it was written."""
+    from dmoerm import storage
+
+    target = str(path)
+    local = Path(tempfile.mkdtemp(prefix="dmoerm-bundle-")) if storage.is_s3(target) else Path(target)
+    local.mkdir(parents=True, exist_ok=True)
+    bb = model.backbone
+    for name in model.categories:
+        if not NAME_RE.match(name):
+            raise ValueError(f"category name {name!r} must match {NAME_RE.pattern}")
+    meta = {
+        "format": BUNDLE_FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "base": {"reference": bb.reference, "revision": bb.revision, "fingerprint": bb.fingerprint(),
+                 "model_type": getattr(bb.model.config, "model_type", ""), "top_layers": bb.top_layers,
+                 "pooling": bb.pooling, "max_length": bb.max_length, "hidden_size": bb.hidden_size},
+        "taxonomy": [{"name": c.name, "capabilities": c.capabilities} for c in model.categories.values()],
+        "router": {"width": router_width, "features": "trunk-mean-pool of the context"},
+        "lora": asdict(lora),
+        "aggregator": asdict(aggregator),
+        "baseline": baseline is not None,
+        "metrics": metrics or {},
+        **(extra or {}),
+    }
+    bb.tokenizer.save_pretrained(str(local / "tokenizer"))
+    _save(model.router.state_dict(), local / "router.safetensors")
+    for name, cat in model.categories.items():
+        _save(cat.experts.state_dict(), local / "categories" / name / "experts.safetensors")
+        _save(cat.aggregator.state_dict(), local / "categories" / name / "aggregator.safetensors")
+    if baseline is not None:
+        _save(baseline.state_dict(), local / "baseline.safetensors")
+    (local / "bundle.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+    if storage.is_s3(target):
+        storage.upload_dir(str(local), target)
+    logger.info("bundle written to %s", target)
+    return target
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    meta_path = Path(path) / "bundle.json"
+    if not meta_path.exists():
+        raise ValueError(f"{path} is not a DMoERM bundle: bundle.json is missing")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != BUNDLE_FORMAT:
+        raise ValueError(f"{meta_path}: bundle format {meta.get('format')} is not supported "
+                         f"(this version reads format {BUNDLE_FORMAT})")
+    return meta
+
+
+def load_bundle(path: str | Path, *, base: str | None = None, batch_size: int = 32,
+                backbone: Backbone | None = None, trust_remote_code: bool = False,
+                check_fingerprint: bool = True) -> LoadedBundle:
+    """Load a bundle from a folder or an ``s3://`` prefix. ``base`` overrides where the base weights are
+    read from (the same weights: their fingerprint is checked)."""
+    from dmoerm import storage
+
+    src = str(path)
+    if storage.is_s3(src):
+        local = Path(tempfile.mkdtemp(prefix="dmoerm-bundle-"))
+        storage.download_dir(src, str(local))
+    else:
+        local = Path(src)
+    meta = read_meta(local)
+    b = meta["base"]
+    if backbone is None:
+        backbone = load_backbone(base or b["reference"], top_layers=b["top_layers"], pooling=b["pooling"],
+                                 max_length=b["max_length"], revision=b["revision"],
+                                 trust_remote_code=trust_remote_code, tokenizer_path=str(local / "tokenizer"))
+    if check_fingerprint and backbone.fingerprint() != b["fingerprint"]:
+        raise ValueError(f"{local}: the base model at {base or b['reference']!r} is not the one this bundle "
+                         "was trained on (weight fingerprint differs)")
+    lora = LoraSettings(**meta["lora"])
+    spec = AggregatorSpec(**meta["aggregator"])
+    names = [c["name"] for c in meta["taxonomy"]]
+    router = RouterHead(backbone.hidden_size, names, width=meta["router"]["width"])
+    router.load_state_dict(load_file(str(local / "router.safetensors")))
+    categories = {}
+    for c in meta["taxonomy"]:
+        experts = attach_experts(TopStack(backbone), c["capabilities"], lora)
+        experts.load_state_dict(load_file(str(local / "categories" / c["name"] / "experts.safetensors")))
+        agg = Aggregator(len(c["capabilities"]), backbone.hidden_size, spec)
+        agg.load_state_dict(load_file(str(local / "categories" / c["name"] / "aggregator.safetensors")))
+        categories[c["name"]] = CategoryModel(c["name"], list(c["capabilities"]), experts, agg)
+    model = RewardModel(backbone, router, categories, batch_size=batch_size)
+    baseline = None
+    if meta.get("baseline"):
+        top = TopStack(backbone)
+        top.load_state_dict(load_file(str(local / "baseline.safetensors")))
+        baseline = SingleRewardModel(backbone, top, batch_size=batch_size)
+    return LoadedBundle(model=model, baseline=baseline, meta=meta, path=local)

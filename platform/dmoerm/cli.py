@@ -1,0 +1,183 @@
+"""The ``dmoerm`` command line: train, evaluate, score, label.
+
+Every command takes ``--config FILE`` (YAML) and trailing ``dotted.key=value`` overrides where it has a
+config. Exit status 2 and one clear line on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("dmoerm")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "botocore", "filelock", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dmoerm.config import load_config
+    from dmoerm.pipeline import run_pipeline
+
+    cfg = load_config(args.config, args.overrides)
+    result = run_pipeline(cfg, progress=not args.no_progress)
+    print()
+    print(f"DMoERM vs single RM, pairwise accuracy on held-out test pairs ({cfg.name}):")
+    print(result.report.table())
+    print(f"\nstage timings (s): {json.dumps(result.timings)}")
+    print(f"bundle written to: {result.bundle_uri}")
+    return 0
+
+
+def _load_samples(path: str, fmt: str):
+    from dmoerm.data.loaders import SourceConfig, load_source
+
+    res = load_source(SourceConfig(path=path, format=fmt, on_error="raise"))
+    if res.skipped:
+        logger.warning(res.summary())
+    return res.samples
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from dmoerm.bundle import load_bundle
+    from dmoerm.evaluation import evaluate
+
+    loaded = load_bundle(args.bundle, base=args.base)
+    samples = _load_samples(args.data, args.format)
+    report = evaluate(loaded.model, samples, loaded.baseline)
+    print(report.table())
+    if args.output:
+        Path(args.output).write_text(json.dumps({"metrics": report.metrics(), "dmoerm": report.dmoerm,
+                                                 "baseline": report.baseline}, indent=2))
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    """jsonl of conversations in (``{"context": [{role, content}...], "responses": [...]}`` per line, or any
+    loader format via --format), one line per input out with rewards and per-capability scores."""
+    from dmoerm.bundle import load_bundle
+    from dmoerm.data.loaders import SourceConfig, load_source
+
+    loaded = load_bundle(args.bundle, base=args.base)
+    if args.format == "conversations":
+        rows = _read_conversations(args.input)
+    else:
+        res = load_source(SourceConfig(path=args.input, format=args.format))
+        rows = [(s.id, s.context, s.responses) for s in res.samples]
+    flat_ctx = [c for _, c, rs in rows for _ in rs]
+    flat_resp = [r for _, _, rs in rows for r in rs]
+    scores = loaded.model.score(flat_ctx, flat_resp)
+    lines = []
+    k = 0
+    for rid, _, rs in rows:
+        mine = scores[k: k + len(rs)]
+        k += len(rs)
+        lines.append(json.dumps({"id": rid, "rewards": [s.reward for s in mine], "category": mine[0].category,
+                                 "category_prob": mine[0].category_prob,
+                                 "capability_scores": [s.capability_scores for s in mine]}, ensure_ascii=False))
+    text = "\n".join(lines) + "\n"
+    if args.output in (None, "-"):
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text, encoding="utf-8")
+    return 0
+
+
+def _read_conversations(path: str):
+    from dmoerm.data.records import DataError, Turn
+
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"invalid JSON: {e.msg}", path=path, line=n) from None
+            for key, kind in (("context", list), ("responses", list)):
+                if not isinstance(obj.get(key), kind) or not obj[key]:
+                    raise DataError("missing or empty list", path=path, line=n, field_name=key)
+            try:
+                ctx = [Turn(t["role"], t["content"]) for t in obj["context"]]
+            except (KeyError, TypeError, ValueError) as e:
+                raise DataError(f"each turn needs a role and a content ({e})", path=path, line=n,
+                                field_name="context") from None
+            if not all(isinstance(r, str) for r in obj["responses"]):
+                raise DataError("responses must be strings", path=path, line=n, field_name="responses")
+            rows.append((str(obj.get("id", n)), ctx, obj["responses"]))
+    return rows
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    """Run only the labeling stage of a config and write the labelled samples (canonical jsonl)."""
+    from dmoerm.config import load_config
+    from dmoerm.data.loaders import write_samples
+    from dmoerm.data.splits import split_samples
+    from dmoerm.pipeline import label_stage, load_data
+
+    cfg = load_config(args.config, args.overrides)
+    samples, _ = load_data(cfg)
+    splits = split_samples(samples, cfg.data.splits)
+    caps = label_stage(cfg, splits)
+    labelled = {id(s): s for v in caps.train.values() for s in v} | {id(s): s for v in caps.val.values() for s in v}
+    n = write_samples(args.output, list(labelled.values()))
+    print(json.dumps({"written": n, "output": args.output, "report": caps.report}, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dmoerm", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="run the whole DMoERM recipe and write a bundle")
+    t.add_argument("--config", required=True)
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("overrides", nargs="*", help="dotted.key=value")
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("evaluate", help="pairwise accuracy of a bundle (and its baseline) on a dataset")
+    e.add_argument("--bundle", required=True)
+    e.add_argument("--data", required=True)
+    e.add_argument("--format", default="dmoerm")
+    e.add_argument("--base", help="read the base weights from here instead of the bundle's reference")
+    e.add_argument("--output", help="write metrics as JSON here")
+    e.set_defaults(fn=cmd_evaluate)
+
+    s = sub.add_parser("score", help="score conversations with a bundle")
+    s.add_argument("--bundle", required=True)
+    s.add_argument("--input", required=True)
+    s.add_argument("--output", default="-")
+    s.add_argument("--format", default="conversations",
+                   help="conversations (context + responses per line) or any loader format")
+    s.add_argument("--base")
+    s.set_defaults(fn=cmd_score)
+
+    lab = sub.add_parser("label", help="run the capability-labeling stage of a config")
+    lab.add_argument("--config", required=True)
+    lab.add_argument("--output", required=True)
+    lab.add_argument("overrides", nargs="*")
+    lab.set_defaults(fn=cmd_label)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"dmoerm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

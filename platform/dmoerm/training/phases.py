@@ -1,0 +1,145 @@
+"""DMoERM's training recipe (DESIGN.md §2) on cached trunk features.
+
+Phase 1 fine-tunes a category's ``TopStack`` (top blocks + value head) on human ranks. Phase 2 adds one
+LoRA adapter per capability to it and trains each adapter with its own value head on that capability's
+labels. Phase 3 freezes everything, computes every expert's pooled hidden state once per response and
+trains the aggregator on those cached features. The single-RM baseline is phase 1 on all data.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from dmoerm.data.records import Sample
+from dmoerm.modeling.aggregator import Aggregator, AggregatorSpec
+from dmoerm.modeling.backbone import Backbone
+from dmoerm.modeling.router import RouterHead
+from dmoerm.modeling.top import LoraSettings, TopStack, attach_experts, run_experts
+from dmoerm.training.features import TrunkCache
+from dmoerm.training.loop import FitResult, Group, TrainSettings, fit_pairwise
+
+logger = logging.getLogger(__name__)
+MetricFn = Callable[[str, float, int], None]
+
+
+def human_groups(samples: Sequence[Sample], cache: TrunkCache) -> list[Group]:
+    """One group per sample: its responses' trunk rows and every differently-ranked pair."""
+    return [Group([cache.row(s.context, r) for r in s.responses], s.pairs()) for s in samples]
+
+
+def capability_groups(samples: Sequence[Sample], capability: str, cache: TrunkCache) -> list[Group]:
+    """One group per sample that carries labels for ``capability``."""
+    return [Group([cache.row(s.context, r) for r in s.responses], list(s.capability_prefs[capability]))
+            for s in samples if s.capability_prefs.get(capability)]
+
+
+def top_reward_fn(model: nn.Module, backbone: Backbone, cache: TrunkCache):
+    """Reward of cached rows through a TopStack (or its peft wrapper with the active adapter)."""
+
+    def reward(rows: Sequence[int]) -> torch.Tensor:
+        hidden, mask = cache.collate(rows)  # (N, T, H), (N, T)
+        args, kwargs = backbone.layer_inputs(mask)
+        return model(hidden, mask, args, kwargs)[1]  # (N,)
+
+    return reward
+
+
+def train_top(backbone: Backbone, cache: TrunkCache, train: Sequence[Sample], val: Sequence[Sample],
+              settings: TrainSettings, *, seed: int = 0, desc: str = "phase1", log_metric: MetricFn | None = None,
+              init: TopStack | None = None, **fit_kwargs) -> tuple[TopStack, FitResult]:
+    """Phase 1 (and the single-RM baseline): fine-tune the top blocks and a value head on human ranks."""
+    torch.manual_seed(seed)
+    top = init or TopStack(backbone)
+    result = fit_pairwise(top, [p for p in top.parameters() if p.requires_grad],
+                          top_reward_fn(top, backbone, cache), human_groups(train, cache),
+                          human_groups(val, cache), cache.lengths(), settings, seed=seed, desc=desc,
+                          log_metric=log_metric, **fit_kwargs)
+    return top, result
+
+
+def train_expert(experts: nn.Module, capability: str, backbone: Backbone, cache: TrunkCache,
+                 train: Sequence[Group], val: Sequence[Group], settings: TrainSettings, *, seed: int = 0,
+                 desc: str | None = None, log_metric: MetricFn | None = None, **fit_kwargs) -> FitResult:
+    """Phase 2 for one capability: only its LoRA weights and its own value head are trained."""
+    torch.manual_seed(seed)
+    experts.set_adapter(capability)
+    params = [p for p in experts.parameters() if p.requires_grad]
+    own = [n for n, p in experts.named_parameters() if p.requires_grad]
+    if not own or any(f".{capability}." not in n and not n.endswith(f".{capability}") for n in own):
+        raise RuntimeError(f"expert {capability!r}: trainable parameters outside its adapter: {own[:3]}")
+    return fit_pairwise(experts, params, top_reward_fn(experts, backbone, cache), train, val, cache.lengths(),
+                        settings, seed=seed, desc=desc or f"expert/{capability}", log_metric=log_metric,
+                        **fit_kwargs)
+
+
+def build_experts(phase1: TopStack, capabilities: list[str], lora: LoraSettings) -> nn.Module:
+    return attach_experts(phase1, capabilities, lora)
+
+
+@torch.no_grad()
+def expert_features(experts: nn.Module, capabilities: list[str], backbone: Backbone, cache: TrunkCache,
+                    rows: Sequence[int], batch_size: int = 32, progress: bool = True) -> torch.Tensor:
+    """Frozen experts' pooled hidden states for ``rows``, computed once: (len(rows), K, H)."""
+    experts.eval()
+    out = torch.zeros(len(rows), len(capabilities), backbone.hidden_size)
+    order = sorted(range(len(rows)), key=lambda i: cache.rows[rows[i]].size(0))
+    bar = tqdm(total=len(rows), desc="expert features", unit="row", disable=not progress, leave=False)
+    for b in range(0, len(order), batch_size):
+        idx = order[b: b + batch_size]
+        hidden, mask = cache.collate([rows[i] for i in idx])
+        out[idx] = run_experts(experts, capabilities, backbone, hidden, mask).pooled  # (B, K, H)
+        bar.update(len(idx))
+    bar.close()
+    return out
+
+
+def train_aggregator(features: torch.Tensor, train: Sequence[Group], val: Sequence[Group],
+                     spec: AggregatorSpec, settings: TrainSettings, *, seed: int = 0, desc: str = "phase3",
+                     log_metric: MetricFn | None = None, **fit_kwargs) -> tuple[Aggregator, FitResult]:
+    """Phase 3 on cached expert features (rows of ``features`` are the groups' row ids)."""
+    torch.manual_seed(seed)
+    agg = Aggregator(features.size(1), features.size(2), spec)
+    lengths = [1] * features.size(0)
+    result = fit_pairwise(agg, list(agg.parameters()), lambda rows: agg(features[list(rows)]), train, val,
+                          lengths, settings, seed=seed, desc=desc, log_metric=log_metric, **fit_kwargs)
+    return agg, result
+
+
+def train_router(features: torch.Tensor, labels: torch.Tensor, val_features: torch.Tensor,
+                 val_labels: torch.Tensor, categories: list[str], settings: TrainSettings, *, width: int = 0,
+                 seed: int = 0, log_metric: MetricFn | None = None) -> tuple[RouterHead, dict]:
+    """Cross-entropy on logits over categories; early stopping on validation accuracy."""
+    torch.manual_seed(seed)
+    head = RouterHead(features.size(1), categories, width=width)
+    if len(categories) == 1:
+        return head.eval(), {"router_val_accuracy": 1.0}
+    opt = torch.optim.AdamW(head.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    best, best_state, bad, step = -1.0, None, 0, 0
+    for epoch in range(settings.epochs):
+        head.train()
+        for idx in torch.randperm(features.size(0), generator=gen).split(settings.batch_size):
+            loss = F.cross_entropy(head(features[idx]), labels[idx])  # logits, no softmax before the loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+        head.eval()
+        with torch.no_grad():
+            acc = (head(val_features).argmax(-1) == val_labels).float().mean().item() if len(val_labels) else 0.0
+        if log_metric:
+            log_metric("router/val_accuracy", acc, epoch)
+        if acc > best:
+            best, best_state, bad = acc, {k: v.clone() for k, v in head.state_dict().items()}, 0
+        else:
+            bad += 1
+            if bad >= settings.patience:
+                break
+    head.load_state_dict(best_state)
+    return head.eval(), {"router_val_accuracy": best, "router_steps": step}
