@@ -67,7 +67,8 @@ def save_bundle(path: str | Path, model: RewardModel, *, lora: LoraSettings, agg
         "base": {"reference": bb.reference, "revision": bb.revision, "fingerprint": bb.fingerprint(),
                  "model_type": getattr(bb.model.config, "model_type", ""), "top_layers": bb.top_layers,
                  "pooling": bb.pooling, "max_length": bb.max_length, "hidden_size": bb.hidden_size},
-        "taxonomy": [{"name": c.name, "capabilities": c.capabilities} for c in model.categories.values()],
+        "taxonomy": [{"name": c.name, "capabilities": c.capabilities, "aggregator": asdict(c.aggregator.spec)}
+                     for c in model.categories.values()],
         "router": {"width": router_width, "features": "trunk-mean-pool of the context"},
         "lora": asdict(lora),
         "aggregator": asdict(aggregator),
@@ -131,7 +132,8 @@ def load_bundle(path: str | Path, *, base: str | None = None, batch_size: int = 
     for c in meta["taxonomy"]:
         experts = attach_experts(TopStack(backbone), c["capabilities"], lora)
         experts.load_state_dict(load_file(str(local / "categories" / c["name"] / "experts.safetensors")))
-        agg = Aggregator(len(c["capabilities"]), backbone.hidden_size, spec)
+        agg = Aggregator(len(c["capabilities"]), backbone.hidden_size,
+                         AggregatorSpec(**c["aggregator"]) if "aggregator" in c else spec)
         agg.load_state_dict(load_file(str(local / "categories" / c["name"] / "aggregator.safetensors")))
         categories[c["name"]] = CategoryModel(c["name"], list(c["capabilities"]), experts, agg)
     model = RewardModel(backbone, router, categories, batch_size=batch_size)

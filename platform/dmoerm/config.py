@@ -15,6 +15,7 @@ from dmoerm.data.splits import SplitConfig
 from dmoerm.labeling.judge import JudgeConfig
 from dmoerm.modeling.aggregator import AggregatorSpec
 from dmoerm.modeling.top import LoraSettings
+from dmoerm.promotion import PromotionConfig
 from dmoerm.training.loop import TrainSettings
 
 
@@ -104,6 +105,84 @@ class RouterSpec:
 
 
 @dataclass
+class ResourceSpec:
+    """Ray resources of one trainer (phase-2 expert) or task."""
+
+    num_workers: int = 1
+    """Data-parallel workers per expert trainer."""
+    cpus_per_worker: float = 1.0
+    """CPUs each worker reserves (also its torch thread count, rounded down, at least 1)."""
+    use_gpu: bool = False
+    """One GPU per worker when the cluster has them."""
+    max_failures: int = 2
+    """Worker failures a trainer recovers from (restarting from its last checkpoint)."""
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1 or self.cpus_per_worker <= 0 or self.max_failures < 0:
+            raise ValueError("resources: num_workers >= 1, cpus_per_worker > 0 and max_failures >= 0 are required")
+
+
+@dataclass
+class TuneSpec:
+    """Ray Tune search of the aggregator's hyperparameters on cached expert features."""
+
+    num_samples: int = 8
+    """Trials per category."""
+    max_concurrent: int = 2
+    """Trials running at once."""
+    search: Literal["optuna", "random"] = "optuna"
+    """Search algorithm: optuna's TPE sampler, or random search."""
+    hidden_sizes: list[int] = field(default_factory=lambda: [64, 128, 256, 384])
+    """Aggregator hidden widths to choose from."""
+    activations: list[str] = field(default_factory=lambda: ["prelu", "relu", "gelu", "tanh"])
+    """Activations to choose from."""
+    lr: list[float] = field(default_factory=lambda: [1e-4, 3e-3])
+    """Log-uniform learning-rate range [low, high]."""
+    weight_decay: list[float] = field(default_factory=lambda: [1e-6, 1e-1])
+    """Log-uniform weight-decay range [low, high]."""
+    dropout: list[float] = field(default_factory=lambda: [0.0, 0.3])
+    """Uniform dropout range [low, high]."""
+    max_epochs: int = 30
+    """Epochs of the longest trial (ASHA stops weak trials earlier)."""
+    grace_period: int = 3
+    """Epochs every trial runs before ASHA may stop it."""
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1 or self.max_concurrent < 1 or self.max_epochs < 1 or self.grace_period < 1:
+            raise ValueError("tune: num_samples, max_concurrent, max_epochs and grace_period must be >= 1")
+        for name in ("lr", "weight_decay", "dropout"):
+            lo_hi = getattr(self, name)
+            if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1] or lo_hi[0] < 0:
+                raise ValueError(f"tune.{name} must be [low, high] with 0 <= low <= high, got {lo_hi}")
+
+
+@dataclass
+class PlatformSpec:
+    """Where a pipeline job keeps its state and reports: storage, MLflow, Ray resources."""
+
+    storage_uri: str = ".scratch/storage"
+    """Stage outputs, checkpoints, feature and label caches, bundles: a path or ``s3://bucket/prefix``."""
+    s3_endpoint_url: str | None = None
+    """A non-AWS S3 endpoint (MinIO, moto); None uses AWS_ENDPOINT_URL or AWS itself."""
+    mlflow_tracking_uri: str | None = None
+    """MLflow server or store; None = ``sqlite:///<storage>/mlflow.db`` with a local artifact folder."""
+    experiment: str = "dmoerm"
+    """MLflow experiment of the pipeline runs."""
+    registered_model: str | None = None
+    """Registry name of the trained model; None = the run ``name``."""
+    alias: str = "champion"
+    """The registry alias that promotion moves."""
+    expert_resources: ResourceSpec = field(default_factory=ResourceSpec)
+    """Each phase-2 expert's Ray Train trainer."""
+    tune: TuneSpec = field(default_factory=TuneSpec)
+    """Aggregator search."""
+    promotion: PromotionConfig = field(default_factory=PromotionConfig)
+    """When a new version may take the alias."""
+    feature_dtype: Literal["float32", "float16"] = "float16"
+    """Stored dtype of cached trunk features (float16 halves storage; training upcasts)."""
+
+
+@dataclass
 class PipelineConfig:
     """Everything one DMoERM training run needs."""
 
@@ -134,6 +213,8 @@ class PipelineConfig:
     """Aggregator shape."""
     baseline: bool = True
     """Also train and evaluate the single-RM baseline on the same splits."""
+    platform: PlatformSpec = field(default_factory=PlatformSpec)
+    """Ray job settings: storage, MLflow, resources, search, promotion."""
 
     def __post_init__(self) -> None:
         names = [c.name for c in self.taxonomy]

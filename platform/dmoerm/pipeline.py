@@ -122,7 +122,8 @@ def _split_by_prompt(samples: list[Sample], fraction: float, seed: int) -> tuple
     return [s for s in samples if s.prompt_key not in val_keys], [s for s in samples if s.prompt_key in val_keys]
 
 
-def label_stage(cfg: PipelineConfig, splits: dict[str, list[Sample]]) -> CapabilityData:
+def label_stage(cfg: PipelineConfig, splits: dict[str, list[Sample]], labeler: Callable | None = None
+                ) -> CapabilityData:
     """Capability labels for every expert. No prompt of phase 3, validation or test ever trains one."""
     from dmoerm.labeling import (
         label_samples,
@@ -150,7 +151,7 @@ def label_stage(cfg: PipelineConfig, splits: dict[str, list[Sample]]) -> Capabil
         return out
     phase1 = splits["phase1"]
     if cfg.labels.source == "judge":
-        report = label_samples(phase1, cfg.capabilities, cfg.labels.judge)
+        report = (labeler or label_samples)(phase1, cfg.capabilities, cfg.labels.judge)
         out.report["judge"] = report.__dict__ if hasattr(report, "__dict__") else str(report)
     else:
         n = labels_from_attributes(phase1, load_attribute_ratings(cfg.labels.attributes_path))

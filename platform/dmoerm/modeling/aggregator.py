@@ -40,7 +40,7 @@ class Aggregator(nn.Module):
         super().__init__()
         spec = spec or AggregatorSpec()
         width = spec.hidden_size or hidden_size
-        self.num_experts, self.input_size = num_experts, hidden_size
+        self.spec, self.num_experts, self.input_size = spec, num_experts, hidden_size
         self.net = nn.Sequential(nn.Linear(num_experts * hidden_size, width), _activation(spec.activation),
                                  nn.Dropout(spec.dropout), nn.Linear(width, 1))
 

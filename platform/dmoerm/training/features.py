@@ -101,3 +101,23 @@ def context_features(backbone: Backbone, contexts: list[list[Turn]], batch_size:
         bar.update(len(idx))
     bar.close()
     return out
+
+
+def save_trunk_cache(cache: TrunkCache, path: str, dtype: torch.dtype = torch.float16) -> None:
+    """One safetensors file, one tensor per row named by its row key."""
+    from safetensors.torch import save_file
+
+    save_file({k: cache.rows[i].to(dtype).contiguous() for k, i in cache.index.items()}, path)
+
+
+def load_trunk_cache(backbone: Backbone, path: str, keys: Iterable[str] | None = None) -> TrunkCache:
+    """Load all rows, or only ``keys`` (lazily, from the file's index), as float32."""
+    from safetensors import safe_open
+
+    cache = TrunkCache(backbone)
+    with safe_open(path, framework="pt") as f:
+        wanted = list(f.keys()) if keys is None else list(dict.fromkeys(keys))
+        for k in wanted:
+            cache.index[k] = len(cache.rows)
+            cache.rows.append(f.get_tensor(k).float())
+    return cache

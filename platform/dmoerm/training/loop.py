@@ -67,6 +67,8 @@ class FitResult:
     epochs_run: float
     stopped_early: bool
     history: list[dict] = field(default_factory=list)
+    resumed_from_step: int = 0
+    """Step of the checkpoint this fit resumed from (0: a fresh start)."""
 
 
 RewardFn = Callable[[Sequence[int]], torch.Tensor]  # global row ids -> (N,) rewards
@@ -126,16 +128,26 @@ def fit_pairwise(module: nn.Module, params: list[nn.Parameter], reward_fn: Rewar
                  settings: TrainSettings, *, seed: int = 0, desc: str = "train",
                  log_metric: Callable[[str, float, int], None] | None = None,
                  checkpoint: Callable[[dict], None] | None = None, resume: dict | None = None,
-                 progress: bool = True) -> FitResult:
+                 progress: bool = True, shard: tuple[int, int] = (0, 1)) -> FitResult:
     """Train ``params`` of ``module`` with the pairwise loss; keep the state with the best val accuracy.
 
     ``checkpoint`` receives a resumable state dict after every epoch; ``resume`` continues from one.
+    ``shard=(rank, world)``: data-parallel workers see the same seeded batch order and take every
+    ``world``-th batch (equal counts, so collective ops stay in step); gradients are averaged by DDP.
     """
+
+    def epoch_batches(rng: random.Random) -> list[list[int]]:
+        batches = make_batches(train, lengths, settings.batch_size, rng)
+        return batches[rank::world][: len(batches) // world] if world > 1 else batches
+
+    rank, world = shard
     train = [g for g in train if g.pairs]
     if not train:
         raise ValueError(f"{desc}: no training pairs (every sample is a tie or has one response)")
+    if len(train) < world:
+        raise ValueError(f"{desc}: {len(train)} training samples cannot feed {world} data-parallel workers")
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    steps_per_epoch = len(make_batches(train, lengths, settings.batch_size, random.Random(seed)))
+    steps_per_epoch = len(epoch_batches(random.Random(seed)))
     total = settings.epochs * steps_per_epoch
     if settings.max_steps is not None:
         total = min(total, settings.max_steps)
@@ -145,12 +157,14 @@ def fit_pairwise(module: nn.Module, params: list[nn.Parameter], reward_fn: Rewar
     eval_points = {round(steps_per_epoch * (i + 1) / settings.evals_per_epoch) for i in
                    range(settings.evals_per_epoch)}
     state = {"epoch": 0, "step": 0, "best": -math.inf, "best_state": None, "bad": 0, "history": []}
+    resumed_from = 0
     if resume is not None:
         state.update({k: resume[k] for k in ("epoch", "step", "best", "best_state", "bad", "history")})
         module.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optim"])
         sched.load_state_dict(resume["sched"])
         logger.info("%s: resumed at epoch %d, step %d", desc, state["epoch"], state["step"])
+    resumed_from = state["step"]
     names = {id(p) for p in params}
     trainable = {k for k, p in module.named_parameters() if id(p) in names}
 
@@ -162,7 +176,7 @@ def fit_pairwise(module: nn.Module, params: list[nn.Parameter], reward_fn: Rewar
     while state["epoch"] < settings.epochs and not stopped and state["step"] < total:
         rng = random.Random(seed * 1000 + state["epoch"])
         module.train()
-        for i, chosen in enumerate(make_batches(train, lengths, settings.batch_size, rng), start=1):
+        for i, chosen in enumerate(epoch_batches(rng), start=1):
             rows, pairs, owner = _flatten(train, chosen)
             loss = pairwise_loss(reward_fn(rows), pairs, owner)
             opt.zero_grad(set_to_none=True)
@@ -201,4 +215,4 @@ def fit_pairwise(module: nn.Module, params: list[nn.Parameter], reward_fn: Rewar
     module.eval()
     best = state["best"] if state["best"] != -math.inf else float("nan")
     return FitResult(best_val_accuracy=best, steps=state["step"], epochs_run=state["step"] / max(1, steps_per_epoch),
-                     stopped_early=stopped, history=copy.deepcopy(state["history"]))
+                     stopped_early=stopped, history=copy.deepcopy(state["history"]), resumed_from_step=resumed_from)

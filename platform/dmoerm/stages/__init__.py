@@ -1,0 +1,1 @@
+"""Pipeline stages as plain functions with idempotent, storage-backed outputs (Ray-free)."""
