@@ -42,8 +42,10 @@ def fingerprint_uri(uri: str) -> str:
 
 
 class StageStore:
-    def __init__(self, root: str, local_cache: str | None = None) -> None:
-        self.root = root.rstrip("/")
+    def __init__(self, root: str, local_cache: str | None = None, run_id: str = "") -> None:
+        # Absolute: Ray Train and Tune workers run in their own working directories.
+        self.root = root.rstrip("/") if storage.is_s3(root) else os.path.abspath(root)
+        self.run_id = run_id  # recorded in DONE.json: a stage done by another run was skipped by this one
         self.remote = storage.is_s3(root)
         if self.remote:
             self.local_root = Path(local_cache or os.environ.get("DMOERM_LOCAL_CACHE")
@@ -76,7 +78,8 @@ class StageStore:
         """Upload the stage's local files (remote storage), then write DONE.json last."""
         if self.remote:
             storage.upload_dir(str(self.local(stage, key)), self.uri(stage, key))
-        storage.write_bytes(self.uri(stage, key, DONE), json.dumps(info or {}, default=str).encode())
+        info = {**(info or {}), "run": self.run_id}
+        storage.write_bytes(self.uri(stage, key, DONE), json.dumps(info, default=str).encode())
         logger.info("stage %s/%s done", stage, key)
 
     def reset(self, stage: str, key: str) -> None:

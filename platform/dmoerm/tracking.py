@@ -1,0 +1,161 @@
+"""MLflow tracking for pipeline runs: one parent run, child runs per stage and per expert, metrics,
+plots as artifacts. MLflow is imported inside the functions; secrets never reach it (the config holds
+only the NAMES of environment variables)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from dmoerm.configtools import to_dict
+
+logger = logging.getLogger(__name__)
+SECRET_WORDS = ("key", "token", "secret", "password")
+
+
+def default_tracking_uri(storage_uri: str) -> str:
+    """The embedded default: a SQLite file beside local storage (remote storage: ./.scratch)."""
+    from dmoerm import storage
+
+    base = Path(".scratch") if storage.is_s3(storage_uri) else Path(storage_uri)
+    base.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(base / 'mlflow.db').resolve()}"
+
+
+def ensure_experiment(client, name: str, artifact_location: str | None) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def flatten_params(obj: Any, prefix: str = "") -> dict[str, str]:
+    """Config -> ``{"phase1.lr": "0.0001", ...}``; values under secret-looking keys are dropped."""
+    out: dict[str, str] = {}
+    data = to_dict(obj)
+    if isinstance(data, dict):
+        for k, v in data.items():
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if any(w in str(k).lower() for w in SECRET_WORDS) and not str(k).endswith("_env"):
+                continue
+            out.update(flatten_params(v, key))
+    else:
+        out[prefix] = str(data)[:500]
+    return out
+
+
+class Tracker:
+    """A parent run and its children, through ``MlflowClient`` (thread-safe, works from any process)."""
+
+    def __init__(self, tracking_uri: str, experiment: str, artifact_location: str | None = None,
+                 run_name: str = "pipeline", parent_run_id: str | None = None) -> None:
+        from mlflow import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri)
+        self.experiment_id = ensure_experiment(self.client, experiment, artifact_location)
+        if parent_run_id is None:
+            self.run_id = self.client.create_run(self.experiment_id, run_name=run_name).info.run_id
+        else:
+            self.run_id = parent_run_id
+
+    def child(self, name: str, params: dict | None = None) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={"mlflow.parentRunId": self.run_id})
+        if params:
+            self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: Any) -> None:
+        from mlflow.entities import Param
+
+        flat = flatten_params(params)
+        items = [Param(k[:250], v) for k, v in flat.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i: i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        import math
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k.replace("@", "_"), float(v), now, step) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not math.isnan(float(v))]
+        if items:
+            self.client.log_batch(run_id, metrics=items)
+
+    def metric_fn(self, run_id: str):
+        """A ``log_metric(name, value, step)`` callback for the training loops."""
+        return lambda name, value, step: self.log_metrics(run_id, {name.replace("/", "."): value}, step)
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def log_figure(self, run_id: str, fig, name: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, name)
+            fig.savefig(path, dpi=110, bbox_inches="tight")
+            self.client.log_artifact(run_id, path, artifact_path="plots")
+
+    def log_dir(self, run_id: str, local_dir: str, artifact_path: str) -> None:
+        self.client.log_artifacts(run_id, local_dir, artifact_path=artifact_path)
+
+
+# ---- plots --------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_history(history: list[dict], title: str):
+    """Training curve: train loss and validation accuracy per evaluation."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3))
+    steps = [h["step"] for h in history]
+    ax.plot(steps, [h["train_loss"] for h in history], label="train loss")
+    ax2 = ax.twinx()
+    ax2.plot(steps, [h["val_accuracy"] for h in history], color="tab:orange", label="val accuracy")
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    fig.legend(loc="lower left")
+    return fig
+
+
+def plot_confusion(matrix: list[list[int]], categories: list[str]):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(categories), 1 + 0.8 * len(categories)))
+    ax.imshow(matrix, cmap="Blues")
+    for i, row in enumerate(matrix):
+        for j, v in enumerate(row):
+            ax.text(j, i, str(v), ha="center", va="center")
+    ax.set_xticks(range(len(categories)), categories, rotation=45)
+    ax.set_yticks(range(len(categories)), categories)
+    ax.set_xlabel("routed")
+    ax.set_ylabel("true")
+    ax.set_title("router confusion matrix")
+    return fig
+
+
+def plot_accuracy(dmoerm: dict, baseline: dict | None):
+    """Per-category pairwise accuracy, DMoERM vs the single-RM baseline."""
+    plt = _plt()
+    cats = list(dmoerm)
+    fig, ax = plt.subplots(figsize=(1.5 + 1.1 * len(cats), 3))
+    xs = range(len(cats))
+    ax.bar([x - 0.2 for x in xs], [dmoerm[c]["accuracy"] for c in cats], width=0.4, label="DMoERM")
+    if baseline:
+        ax.bar([x + 0.2 for x in xs], [baseline.get(c, {}).get("accuracy", 0) for c in cats], width=0.4,
+               label="single RM")
+    ax.set_xticks(list(xs), cats)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("pairwise accuracy")
+    ax.legend()
+    return fig
