@@ -169,6 +169,7 @@ class Pipeline:
         t.log_figure(run, plot_accuracy(report["dmoerm"], report["baseline"]), "accuracy_by_category.png")
         t.client.log_text(run, report["table"], "evaluation/table.txt")
         version, decision = register_and_promote(self.cfg, self.store, evaluation, t)
+        self.ran["register"] = not decision.get("skipped", False)
         return {"evaluation": evaluation, "table": report["table"], "version": version, "decision": decision,
                 "ran": self.ran}
 
@@ -184,6 +185,11 @@ def register_and_promote(cfg: PipelineConfig, store: StageStore, evaluation: str
 
     name = cfg.platform.registered_model or cfg.name
     client, run = tracker.client, tracker.run_id
+    for mv in _versions(client, name):  # idempotent: this evaluation was registered by an earlier run
+        if mv.tags.get("dmoerm.evaluation_key") == evaluation and "dmoerm.promotion.decision" in mv.tags:
+            logger.info("%-28s skipped: %s version %s holds this evaluation", "register", name, mv.version)
+            return mv.version, {"promote": mv.tags["dmoerm.promotion.decision"] == "promoted",
+                                "reason": mv.tags.get("dmoerm.promotion.reason", ""), "skipped": True}
     report = store.get_json("evaluate", evaluation, "report.json")
     outcomes = {k: PairOutcome(*v) for k, v in store.get_json("evaluate", evaluation, "pair_outcomes.json").items()}
     bundle = store.path("evaluate", evaluation, "bundle")
@@ -201,6 +207,15 @@ def register_and_promote(cfg: PipelineConfig, store: StageStore, evaluation: str
                                                 alias=cfg.platform.alias, baseline=baseline)
     registry.promote(client, name, mv.version, decision, alias=cfg.platform.alias)
     return mv.version, {"promote": decision.promote, "reason": decision.reason}
+
+
+def _versions(client, name: str) -> list:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return list(client.search_model_versions(f"name='{name}'"))
+    except MlflowException:
+        return []
 
 
 def main(argv: list[str] | None = None) -> int:
