@@ -195,8 +195,10 @@ def fit_pairwise(module: nn.Module, params: list[nn.Parameter], reward_fn: Rewar
                                          "train_loss": loss.item()})
                 if log_metric:
                     log_metric(f"{desc}/val_accuracy", acc, state["step"])
-                score = acc if not math.isnan(acc) else -vloss if not math.isnan(vloss) else 0.0
-                if score > state["best"] or state["best_state"] is None:
+                # No validation pairs: nothing to select on, so keep the latest state and never stop early.
+                no_val = math.isnan(acc) and math.isnan(vloss)
+                score = acc if not math.isnan(acc) else -vloss if not no_val else -math.inf
+                if no_val or score > state["best"] or state["best_state"] is None:
                     state["best"], state["best_state"], state["bad"] = score, snapshot(), 0
                 else:
                     state["bad"] += 1

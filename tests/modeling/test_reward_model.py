@@ -1,0 +1,73 @@
+"""The composed reward model: routing, forced categories, and batching that changes no score."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import build_reward_model, tiny_backbone, user
+
+from dmoerm.modeling.reward_model import RewardModel
+from dmoerm.modeling.router import RouterHead
+from dmoerm.modeling.top import run_experts
+
+TAXONOMY = {"chat": ["empathy", "logic"], "qa": ["correctness"]}
+CONTEXTS = [user("hello, how are you?"), user("what is the capital of France?"), user("hi"),
+            user("please explain photosynthesis in detail to a child"), user("hello, how are you?")]
+RESPONSES = ["fine, thanks", "Paris", "hey", "plants eat light, more or less, and make sugar from air", "bad"]
+
+
+@pytest.fixture(scope="module")
+def model() -> RewardModel:
+    return build_reward_model(tiny_backbone("bert"), TAXONOMY)
+
+
+def _by_hand(model: RewardModel, context, response: str, category: str) -> tuple[float, list[float]]:
+    bb, cat = model.backbone, model.categories[category]
+    enc = bb.encode([context], [response])
+    out = run_experts(cat.experts, cat.capabilities, bb, bb.trunk(enc), enc.attention_mask)
+    return cat.aggregator(out.pooled).item(), out.scores[0].tolist()
+
+
+def test_scores_do_not_depend_on_batching_or_on_the_other_rows(model):
+    forced = ["chat", "qa", "qa", "chat", "qa"]  # both categories inside one length-sorted batch
+    scores = model.score(CONTEXTS, RESPONSES, forced)
+    assert [s.category for s in scores] == forced and all(s.category_prob == 1.0 for s in scores)
+    for ctx, resp, cat, s in zip(CONTEXTS, RESPONSES, forced, scores):
+        reward, caps = _by_hand(model, ctx, resp, cat)
+        assert s.reward == pytest.approx(reward, abs=1e-5)
+        assert list(s.capability_scores) == TAXONOMY[cat]
+        assert list(s.capability_scores.values()) == pytest.approx(caps, abs=1e-5)
+
+
+def test_routing_uses_the_router_argmax_per_context(model):
+    names, probs, full = model.route(CONTEXTS)
+    assert full.shape == (5, 2) and torch.allclose(full.sum(-1), torch.ones(5))
+    assert names == [model.router.categories[i] for i in full.argmax(-1).tolist()]
+    assert names[0] == names[4] and probs[0] == pytest.approx(probs[4])  # same context, same route
+    scored = model.score(CONTEXTS, RESPONSES)
+    assert [s.category for s in scored] == names
+    assert [s.category_prob for s in scored] == pytest.approx(probs)
+
+
+def test_score_samples_groups_scores_per_sample(model):
+    from tiny import pairwise_samples
+
+    samples = pairwise_samples(3, category="qa")
+    grouped = model.score_samples(samples, use_known_category=True)
+    assert [len(g) for g in grouped] == [2, 2, 2] and all(s.category == "qa" for g in grouped for s in g)
+    flat = model.score([s.context for s in samples for _ in s.responses], [r for s in samples for r in s.responses],
+                       ["qa"] * 6)
+    assert [s.reward for g in grouped for s in g] == pytest.approx([s.reward for s in flat], abs=1e-6)
+
+
+def test_bad_inputs_are_rejected(model):
+    assert model.score([], []) == []
+    with pytest.raises(ValueError, match="unknown category 'nope'"):
+        model.score(CONTEXTS[:1], RESPONSES[:1], ["nope"])
+    with pytest.raises(ValueError, match="2 contexts for 1 responses"):
+        model.score(CONTEXTS[:2], RESPONSES[:1])
+    cats = dict(model.categories)
+    with pytest.raises(ValueError, match="router categories"):
+        RewardModel(model.backbone, RouterHead(32, ["qa", "chat"]), cats)
+    with pytest.raises(ValueError, match="distinct category names"):
+        RouterHead(32, ["a", "a"])

@@ -1,0 +1,104 @@
+"""The ``dmoerm`` command line, in-process on a saved tiny bundle (and once as a real subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny import pairwise_samples, ranked_records, write_jsonl
+
+from dmoerm.cli import main
+from dmoerm.data.loaders import write_samples
+from dmoerm.data.records import Turn
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+CONVERSATIONS = [
+    {"id": "c1", "context": [{"role": "user", "content": "hello, how are you?"}], "responses": ["fine", "go away"]},
+    {"context": [{"role": "system", "content": "be kind"}, {"role": "user", "content": "what is 2+2?"}],
+     "responses": ["4", "five", "I do not know"]},
+    {"id": "c3", "context": [{"role": "user", "content": "tell me a joke"}], "responses": ["knock knock", "no"]},
+]
+
+
+def test_score_writes_one_line_per_input(tiny_bundle, tmp_path):
+    path, model, _ = tiny_bundle
+    inp = write_jsonl(tmp_path / "in.jsonl", CONVERSATIONS)
+    out = tmp_path / "scores.jsonl"
+    assert main(["score", "--bundle", path, "--input", inp, "--output", str(out)]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["id"] for row in lines] == ["c1", "2", "c3"]  # a missing id falls back to the line number
+    for conv, row in zip(CONVERSATIONS, lines):
+        ctx = [Turn(t["role"], t["content"]) for t in conv["context"]]
+        expected = model.score([ctx] * len(conv["responses"]), conv["responses"])
+        assert row["rewards"] == pytest.approx([s.reward for s in expected], abs=1e-5)
+        assert row["category"] == expected[0].category and row["category"] in {"chat", "qa"}
+        assert 0 < row["category_prob"] <= 1
+        assert len(row["capability_scores"]) == len(conv["responses"])
+        caps = {"chat": ["empathy", "logic"], "qa": ["correctness"]}[row["category"]]
+        assert all(list(c) == caps for c in row["capability_scores"])
+
+
+def test_score_to_stdout(tiny_bundle, tmp_path, capsys):
+    inp = write_jsonl(tmp_path / "in.jsonl", CONVERSATIONS[:1])
+    assert main(["score", "--bundle", tiny_bundle[0], "--input", inp]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and json.loads(out[0])["id"] == "c1"
+
+
+@pytest.mark.parametrize(("line2", "message"), [
+    ('{"context": [', "invalid JSON"),
+    (json.dumps({"context": [{"role": "user", "content": "hi"}]}), "missing or empty list (field 'responses')"),
+    (json.dumps({"context": [{"role": "user", "content": "hi"}], "responses": ["a", 3]}),
+     "responses must be strings (field 'responses')"),
+    (json.dumps({"context": [{"role": "robot", "content": "hi"}], "responses": ["a"]}), "(field 'context')"),
+])
+def test_malformed_input_exits_2_naming_file_line_and_field_and_writes_nothing(tiny_bundle, tmp_path, capsys,
+                                                                               line2, message):
+    inp = tmp_path / "bad.jsonl"
+    inp.write_text(json.dumps(CONVERSATIONS[0]) + "\n" + line2 + "\n" + json.dumps(CONVERSATIONS[2]) + "\n")
+    out = tmp_path / "scores.jsonl"
+    assert main(["score", "--bundle", tiny_bundle[0], "--input", str(inp), "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after any model-loading progress output
+    assert err.startswith(f"dmoerm score: error: {inp}:2: ") and message in err
+    assert not out.exists()
+
+
+def test_missing_bundle_exits_2(tmp_path, capsys):
+    inp = write_jsonl(tmp_path / "in.jsonl", CONVERSATIONS)
+    assert main(["score", "--bundle", str(tmp_path), "--input", inp]) == 2
+    assert "bundle.json is missing" in capsys.readouterr().err
+
+
+def test_evaluate_prints_the_table_and_writes_metrics(tiny_bundle, tmp_path, capsys):
+    data = tmp_path / "test.jsonl"
+    samples = pairwise_samples(4, category="chat")
+    write_samples(str(data), samples)
+    metrics = tmp_path / "metrics.json"
+    assert main(["evaluate", "--bundle", tiny_bundle[0], "--data", str(data), "--output", str(metrics)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["category", "pairs", "DMoERM", "single", "RM", "delta"]
+    assert any(line.split()[:2] == ["overall", "4"] for line in table)
+    assert table[-1].startswith("router accuracy:")
+    written = json.loads(metrics.read_text())
+    assert written["dmoerm"]["overall"]["pairs"] == 4 and "dmoerm/acc/overall" in written["metrics"]
+    assert written["baseline"]["overall"]["pairs"] == 4
+
+
+def test_evaluate_on_another_format(tiny_bundle, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "ranked.jsonl", ranked_records(2))
+    assert main(["evaluate", "--bundle", tiny_bundle[0], "--data", data, "--format", "dmoerm"]) == 0
+    assert any(line.split()[:2] == ["overall", "6"] for line in capsys.readouterr().out.splitlines())
+
+
+def test_module_entry_point_help():
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "platform")}
+    proc = subprocess.run([sys.executable, "-m", "dmoerm.cli", "--help"], capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for command in ("train", "evaluate", "score", "label"):
+        assert command in proc.stdout
