@@ -42,12 +42,12 @@ def _stage(fn: str, cfg: PipelineConfig, storage: str, run_id: str, *args, **kwa
 
 
 class Pipeline:
-    def __init__(self, cfg: PipelineConfig, tracker: Tracker, fail_expert_at_step: int | None = None) -> None:
+    def __init__(self, cfg: PipelineConfig, tracker: Tracker, fail_expert: str | None = None) -> None:
         self.cfg, self.tracker = cfg, tracker
         self.storage = cfg.platform.storage_uri
         self.run_id = tracker.run_id
         self.store = StageStore(self.storage, run_id=self.run_id)
-        self.fail_at = fail_expert_at_step
+        self.fail_expert = fail_expert  # "category/capability:step": that expert's worker dies once there
         self.ran: dict[str, bool] = {}
 
     def _record(self, stage: str, key: str, name: str | None = None, params: dict | None = None) -> dict:
@@ -97,12 +97,18 @@ class Pipeline:
             for cap in c.capabilities:
                 inputs = steps.ExpertInputs(route, labels, trunk, tops[c.name], c.name, cap)
                 key = steps.expert_key(cfg, self.store, inputs)
+                fail_at = None
+                if self.fail_expert and self.fail_expert.rsplit(":", 1)[0] == f"{c.name}/{cap}":
+                    fail_at = int(self.fail_expert.rsplit(":", 1)[1])
                 expert_jobs[(c.name, cap)] = (key, fit_expert.remote(cfg, self.storage, self.run_id, inputs, key,
-                                                                      self.fail_at))
+                                                                      fail_at))
         experts = {}
+        self.expert_info = {}
         for (cat, cap), (key, fut) in expert_jobs.items():
             info = ray.get(fut)
             experts[(cat, cap)] = key
+            self.expert_info[f"{cat}/{cap}"] = {k: info.get(k) for k in ("resumed_from_step", "steps", "workers",
+                                                                           "val_accuracy")}
             self._log_expert(cat, cap, key, info)
 
         # phase 3: features once, aggregator search on them, final aggregator
@@ -171,7 +177,7 @@ class Pipeline:
         version, decision = register_and_promote(self.cfg, self.store, evaluation, t)
         self.ran["register"] = not decision.get("skipped", False)
         return {"evaluation": evaluation, "table": report["table"], "version": version, "decision": decision,
-                "ran": self.ran}
+                "ran": self.ran, "experts": self.expert_info}
 
 
 def register_and_promote(cfg: PipelineConfig, store: StageStore, evaluation: str, tracker: Tracker) -> tuple:
@@ -196,7 +202,7 @@ def register_and_promote(cfg: PipelineConfig, store: StageStore, evaluation: str
     mlflow.set_tracking_uri(tracker.tracking_uri)
     with mlflow.start_run(run_id=run):
         info = log_bundle_model(bundle)
-    mv = registry.register_version(client, name, info.model_uri, run,
+    mv = registry.register_version(client, name, info.model_uri, run, model_id=info.model_id,
                                    metrics={k: v for k, v in report["metrics"].items() if v == v},
                                    tags={"dmoerm.evaluation_key": evaluation}, pair_outcomes=outcomes)
     baseline = None
@@ -223,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster (default: local)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray instance")
-    p.add_argument("--fail-expert-at-step", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--fail-expert", default=None, help=argparse.SUPPRESS)  # tests: "category/capability:step"
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -254,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     tracker.log_params(tracker.run_id, cfg)
     t0 = time.time()
     try:
-        result = Pipeline(cfg, tracker, args.fail_expert_at_step).run()
+        result = Pipeline(cfg, tracker, args.fail_expert).run()
     except BaseException:
         tracker.finish(tracker.run_id, "FAILED")
         raise
@@ -269,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     if uri.startswith("sqlite:"):
         print(f"look at it: mlflow ui --backend-store-uri {uri}")
     print("RESULT " + json.dumps({"run_id": tracker.run_id, "version": result["version"],
-                                  "promoted": result["decision"]["promote"], "ran": result["ran"]}))
+                                  "promoted": result["decision"]["promote"], "ran": result["ran"],
+                                  "experts": result["experts"]}))
     return 0
 
 

@@ -7,6 +7,7 @@ config. Exit status 2 and one clear line on bad input.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -133,6 +134,69 @@ def cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
+def _jobs_module():
+    """The Ray job layer lives in the checkout's ``jobs/`` (the library never imports Ray)."""
+    import importlib
+    import os
+
+    import dmoerm
+
+    repo = Path(os.environ.get("DMOERM_REPO") or Path(dmoerm.__file__).resolve().parents[2])
+    if not (repo / "jobs" / "submit_pipeline.py").exists():
+        raise ValueError(f"no jobs/submit_pipeline.py under {repo}: run from a dmoerm checkout or set DMOERM_REPO")
+    if str(repo) not in sys.path:
+        sys.path.insert(0, str(repo))
+    return importlib.import_module("jobs.submit_pipeline")
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    extra = ["--fail-expert", args.fail_expert] if args.fail_expert else []
+    _jobs_module().submit(args.config, args.overrides, args.address, wait=not args.no_wait, extra_args=extra)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    print(_jobs_module().status(args.job_id, args.address))
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    out = _jobs_module().logs(args.job_id, args.address, follow_logs=args.follow)
+    if not args.follow:
+        sys.stdout.write(out)
+    return 0
+
+
+def _registry_client(args: argparse.Namespace):
+    from mlflow import MlflowClient
+
+    return MlflowClient(args.tracking_uri)
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    """Move the alias to a version only if it beats the current holder on the same evaluation pairs."""
+    from dmoerm import registry
+    from dmoerm.promotion import PromotionConfig
+
+    client = _registry_client(args)
+    cfg = PromotionConfig(confidence=args.confidence, category_tolerance=args.category_tolerance)
+    decision = registry.decide_against_champion(client, args.name, args.version, cfg, alias=args.alias)
+    if args.force and not decision.promote:
+        decision = dataclasses.replace(decision, promote=True, reason=f"forced by an operator over: {decision.reason}")
+    moved = registry.promote(client, args.name, args.version, decision, alias=args.alias)
+    print(f"{args.name} version {args.version}: {'promoted to @' + args.alias if moved else 'refused'} - "
+          f"{decision.reason}")
+    return 0 if moved else 1
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from dmoerm import registry
+
+    mv = registry.rollback(_registry_client(args), args.name, alias=args.alias)
+    print(f"{args.name}@{args.alias} restored to version {mv.version}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dmoerm", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true")
@@ -166,6 +230,37 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--output", required=True)
     lab.add_argument("overrides", nargs="*")
     lab.set_defaults(fn=cmd_label)
+
+    sb = sub.add_parser("submit", help="submit a Ray job to a cluster and stream its logs")
+    sb.add_argument("what", choices=["pipeline"])
+    sb.add_argument("--config", required=True)
+    sb.add_argument("--address", help="Ray dashboard address (default: RAY_ADDRESS or http://127.0.0.1:8265)")
+    sb.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    sb.add_argument("--fail-expert", help=argparse.SUPPRESS)
+    sb.add_argument("overrides", nargs="*")
+    sb.set_defaults(fn=cmd_submit)
+    for name, fn, helptext in (("status", cmd_status, "a submitted job's status"),
+                               ("logs", cmd_logs, "a submitted job's logs")):
+        q = sub.add_parser(name, help=helptext)
+        q.add_argument("job_id")
+        q.add_argument("--address")
+        if name == "logs":
+            q.add_argument("--follow", action="store_true")
+        q.set_defaults(fn=fn)
+
+    for name, fn, helptext in (("promote", cmd_promote, "gated alias move to a registered version"),
+                               ("rollback", cmd_rollback, "give the alias back to the previous holder")):
+        q = sub.add_parser(name, help=helptext)
+        q.add_argument("--name", required=True, help="registered model name")
+        q.add_argument("--alias", default="champion")
+        q.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
+        if name == "promote":
+            q.add_argument("--version", required=True)
+            q.add_argument("--confidence", type=float, default=0.95)
+            q.add_argument("--category-tolerance", type=float, default=0.02)
+            q.add_argument("--force", action="store_true", help="move the alias even if the check refuses "
+                                                                 "(recorded on the version as forced)")
+        q.set_defaults(fn=fn)
     return p
 
 

@@ -52,7 +52,9 @@ def log_bundle_model(bundle_dir: str | Path, name: str = "model", input_example=
     import dmoerm
 
     package = Path(dmoerm.__file__).resolve().parent
-    return mlflow.pyfunc.log_model(name=name, python_model=DMoERMPyfunc(), artifacts={"bundle": str(bundle_dir)},
+    # Models from code: MLflow stores this file's source, not a pickled object.
+    return mlflow.pyfunc.log_model(name=name, python_model=str(package / "mlflow_entry.py"),
+                                   artifacts={"bundle": str(bundle_dir)},
                                    code_paths=[str(package)], input_example=input_example,
                                    pip_requirements=_requirements())
 

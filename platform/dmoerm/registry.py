@@ -49,6 +49,7 @@ def register_version(
     metrics: Mapping[str, float] | None = None,
     tags: Mapping[str, str] | None = None,
     pair_outcomes: PairOutcomes | None = None,
+    model_id: str | None = None,
 ) -> ModelVersion:
     """Register ``source_uri`` (an artifact URI of run ``run_id``, e.g. ``<run artifact_uri>/bundle``) as a
     new version of ``name``, creating the registered model if missing.
@@ -75,7 +76,7 @@ def register_version(
     version_tags.update({f"{TAG_PREFIX}metric.{k}": repr(float(v)) for k, v in (metrics or {}).items()})
     if pair_outcomes is not None:
         version_tags[f"{TAG_PREFIX}evaluation.artifact"] = PAIR_OUTCOMES_ARTIFACT
-    mv = client.create_model_version(name, source=source_uri, run_id=run_id, tags=version_tags)
+    mv = client.create_model_version(name, source=source_uri, run_id=run_id, tags=version_tags, model_id=model_id)
     log.info("registered %s version %s from %s", name, mv.version, source_uri)
     return mv
 

@@ -1,0 +1,92 @@
+"""Submit the pipeline to a Ray cluster through Ray's job submission API, stream its logs, and report
+the job id and the MLflow run. Used by ``dmoerm submit pipeline`` / ``dmoerm status`` / ``dmoerm logs``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+               "MLFLOW_S3_ENDPOINT_URL", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "MLFLOW_DISABLE_TELEMETRY")
+
+
+def _client(address: str | None):
+    from ray.job_submission import JobSubmissionClient
+
+    address = address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
+    return JobSubmissionClient(address)
+
+
+def stage_working_dir(config: str, overrides: list[str]) -> tuple[str, str]:
+    """A minimal working dir for the job: the Ray layers and the fully resolved config (absolute data and
+    storage paths, overrides applied), so nothing else of the checkout has to travel."""
+    import yaml
+
+    from dmoerm.config import load_config
+    from dmoerm.configtools import to_dict
+
+    cfg = load_config(config, overrides)
+    if "://" not in cfg.platform.storage_uri:
+        cfg.platform.storage_uri = os.path.abspath(cfg.platform.storage_uri)
+    stage = Path(tempfile.mkdtemp(prefix="dmoerm-job-"))
+    for pkg in ("jobs", "tuning"):
+        shutil.copytree(REPO / pkg, stage / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    (stage / "job_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
+    return str(stage), "job_config.yaml"
+
+
+def submit(config: str, overrides: list[str], address: str | None = None, wait: bool = True,
+           extra_args: list[str] | None = None) -> str:
+    import dmoerm
+
+    client = _client(address)
+    working_dir, cfg_name = stage_working_dir(config, overrides)
+    entrypoint = " ".join(["python -m jobs.run_pipeline --config", cfg_name, *(extra_args or [])])
+    env = {k: os.environ[k] for k in FORWARD_ENV if k in os.environ}
+    runtime_env = {"working_dir": working_dir, "py_modules": [str(Path(dmoerm.__file__).resolve().parent)],
+                   "env_vars": env}
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+    shutil.rmtree(working_dir, ignore_errors=True)
+    print(f"submitted job {job_id}", flush=True)
+    if wait:
+        final = follow(job_id, address)
+        print(f"job {job_id}: {final}")
+    return job_id
+
+
+def follow(job_id: str, address: str | None = None) -> str:
+    """Stream a job's logs until it ends; print the MLflow run it reported; return the final status."""
+    client = _client(address)
+    result: dict = {}
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+            for line in chunk.splitlines():
+                if line.startswith("RESULT "):
+                    result.update(json.loads(line[len("RESULT "):]))
+
+    asyncio.run(tail())
+    status = str(client.get_job_status(job_id))
+    if result:
+        print(f"MLflow run: {result.get('run_id')}  registered version: {result.get('version')}  "
+              f"promoted: {result.get('promoted')}")
+    return status
+
+
+def status(job_id: str, address: str | None = None) -> str:
+    info = _client(address).get_job_info(job_id)
+    return f"{job_id}: {info.status} {info.message or ''}".strip()
+
+
+def logs(job_id: str, address: str | None = None, follow_logs: bool = False) -> str:
+    if follow_logs:
+        return follow(job_id, address)
+    return _client(address).get_job_logs(job_id)

@@ -1,0 +1,1 @@
+from services import mlflow_server  # noqa: F401  (tests/ is on sys.path)
