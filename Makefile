@@ -26,8 +26,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
+# The main job: the whole pipeline as a Ray job on a local Ray instance, MLflow on a SQLite file.
 demo: $(STAMP)
-	$(PY) -m dmoerm.cli train --config configs/demo.yaml
+	RAY_TMPDIR=$${RAY_TMPDIR:-/tmp/ray} $(PY) -m jobs.run_pipeline --config configs/demo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -88,13 +88,19 @@ class RewardModel:
             raise ValueError(f"{len(contexts)} contexts for {len(responses)} responses")
         if not responses:
             return []
-        names, probs, _ = self.route(contexts)
-        if categories is not None:
-            for i, c in enumerate(categories):
-                if c is not None:
-                    if c not in self.categories:
-                        raise ValueError(f"unknown category {c!r}; this model has {list(self.categories)}")
-                    names[i], probs[i] = c, 1.0
+        forced = list(categories) if categories is not None else [None] * len(contexts)
+        for c in forced:
+            if c is not None and c not in self.categories:
+                raise ValueError(f"unknown category {c!r}; this model has {list(self.categories)}")
+        names: list[str] = [c or "" for c in forced]
+        probs = [1.0] * len(contexts)
+        todo = [i for i, c in enumerate(forced) if c is None]
+        if len(self.categories) == 1:
+            names = [next(iter(self.categories))] * len(contexts)
+        elif todo:  # route only the rows without a forced category
+            routed, routed_probs, _ = self.route([contexts[i] for i in todo])
+            for i, n, p in zip(todo, routed, routed_probs):
+                names[i], probs[i] = n, p
         out: list[Score | None] = [None] * len(responses)
         for batch in _length_batches(_approx_lengths(contexts, responses), self.batch_size):
             enc = self.backbone.encode([list(contexts[i]) for i in batch], [responses[i] for i in batch])
