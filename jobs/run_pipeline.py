@@ -157,6 +157,7 @@ class Pipeline:
             self.tracker.finish(child)
             self.store.put_json("search", key, "best.json", best)
             self.store.mark_done("search", key, {"best_val_accuracy": best["val_accuracy"]})
+            self.ran[f"search/{category}"] = True
         else:
             self._record("search", key, f"search/{category}")
         best = self.store.get_json("search", key, "best.json")

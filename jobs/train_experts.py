@@ -49,7 +49,10 @@ def _train_loop(config: dict) -> None:
         marker = config.get("fail_marker")
         if fail_at and step == fail_at and rank == 0 and marker and not os.path.exists(marker):
             open(marker, "w").close()  # noqa: SIM115 - fail once: the marker survives the crash
-            os._exit(1)  # a training worker dies mid-run (tests)
+            # A training worker dies mid-run (tests). Ray Train's controller registers a reported
+            # checkpoint asynchronously; a real crash comes well after the last one, so wait a little.
+            time.sleep(5)
+            os._exit(1)
 
     def wrap(model: torch.nn.Module) -> torch.nn.Module:
         if world == 1:

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 WORDS = ["garden", "cake", "bike", "tax", "gift", "cat", "printer", "essay", "train", "phone", "budget", "song"]
 
 
-def write_task(folder: Path, n: int = 80) -> dict[str, str]:
+def write_task(folder: Path, n: int = 150) -> dict[str, str]:
     """alpha prompts prefer the 'apple' answer, beta prompts prefer the 'banana' answer (rank 1 = best)."""
     paths = {}
     for cat, good, bad in (("alpha", "apple", "banana"), ("beta", "banana", "apple")):
@@ -38,14 +38,14 @@ def write_config(folder: Path, base: str, data: dict[str, str], storage: str, tr
         "taxonomy": [{"name": "alpha", "capabilities": ["alpha_taste"]},
                      {"name": "beta", "capabilities": ["beta_taste"]}],
         "data": {"sources": [{"path": data["alpha"], "format": "dmoerm"}, {"path": data["beta"], "format": "dmoerm"}],
-                 "splits": {"phase1": 0.5, "phase3": 0.2, "val": 0.1, "test": 0.2}},
+                 "splits": {"phase1": 0.4, "phase3": 0.2, "val": 0.1, "test": 0.3}},
         "labels": {"source": "dataset", "datasets": {"alpha_taste": [{"path": data["alpha"], "format": "dmoerm"}],
                                                      "beta_taste": [{"path": data["beta"], "format": "dmoerm"}]}},
         "model": {"base": base, "top_layers": 1, "max_length": 32, "feature_batch_size": 16,
                   "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
         "router": {"train": {"lr": 0.01, "epochs": 30, "batch_size": 16, "patience": 10}},
-        "phase1": {"lr": 2e-3, "epochs": 3, "batch_size": 8, "patience": 3},
-        "phase2": {"lr": 2e-3, "epochs": 3, "batch_size": 8, "patience": 3},
+        "phase1": {"lr": 5e-3, "epochs": 3, "batch_size": 16, "patience": 3},
+        "phase2": {"lr": 5e-3, "epochs": 3, "batch_size": 16, "patience": 3},
         "phase3": {"lr": 3e-3, "epochs": 20, "batch_size": 16, "patience": 5},
         "platform": {"storage_uri": storage, "experiment": "tiny", "feature_dtype": "float32",
                      "tune": {"num_samples": 3, "max_concurrent": 2, "max_epochs": 8, "grace_period": 2,
