@@ -247,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                       "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE", "MLFLOW_S3_ENDPOINT_URL")
            if k in os.environ}
-    if args.address:
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # a submitted job: its runtime env is set already
+        ray.init(address=args.address or "auto")
+    elif args.address:
         ray.init(address=args.address, runtime_env={"env_vars": env} if env else None)
     else:
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)

@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,13 +52,27 @@ def submit(config: str, overrides: list[str], address: str | None = None, wait: 
     env = {k: os.environ[k] for k in FORWARD_ENV if k in os.environ}
     runtime_env = {"working_dir": working_dir, "py_modules": [str(Path(dmoerm.__file__).resolve().parent)],
                    "env_vars": env}
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
-    shutil.rmtree(working_dir, ignore_errors=True)
+    try:
+        job_id = _submit_with_retry(client, entrypoint, runtime_env)
+    finally:
+        shutil.rmtree(working_dir, ignore_errors=True)
     print(f"submitted job {job_id}", flush=True)
     if wait:
         final = follow(job_id, address)
         print(f"job {job_id}: {final}")
     return job_id
+
+
+def _submit_with_retry(client, entrypoint: str, runtime_env: dict, wait_s: float = 90.0) -> str:
+    """A freshly started head refuses jobs until its job agent is up ("No available agent"): retry that."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def follow(job_id: str, address: str | None = None) -> str:
