@@ -433,7 +433,7 @@ def load_source(cfg: SourceConfig) -> LoadResult:
                 if err.reason != IDENTICAL and cfg.on_error == "raise":
                     raise error from None
                 skipped.append(Skip(n, err.field_name, err.reason, uri))
-                (logger.info if err.reason == IDENTICAL else logger.warning)("skipped %s", error)
+                (logger.debug if err.reason == IDENTICAL else logger.warning)("skipped %s", error)
             if cfg.limit is not None and len(samples) >= cfg.limit:
                 break
         if cfg.limit is not None and len(samples) >= cfg.limit:
