@@ -35,7 +35,8 @@ BUNDLE_FORMAT = 1
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-def _save(tensors: dict, path: Path) -> None:
+def save_tensors(tensors: dict, path: Path) -> None:
+    """Detached, contiguous copies to one safetensors file (parent folders created)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(path))
 
@@ -77,12 +78,12 @@ def save_bundle(path: str | Path, model: RewardModel, *, lora: LoraSettings, agg
         **(extra or {}),
     }
     bb.tokenizer.save_pretrained(str(local / "tokenizer"))
-    _save(model.router.state_dict(), local / "router.safetensors")
+    save_tensors(model.router.state_dict(), local / "router.safetensors")
     for name, cat in model.categories.items():
-        _save(cat.experts.state_dict(), local / "categories" / name / "experts.safetensors")
-        _save(cat.aggregator.state_dict(), local / "categories" / name / "aggregator.safetensors")
+        save_tensors(cat.experts.state_dict(), local / "categories" / name / "experts.safetensors")
+        save_tensors(cat.aggregator.state_dict(), local / "categories" / name / "aggregator.safetensors")
     if baseline is not None:
-        _save(baseline.state_dict(), local / "baseline.safetensors")
+        save_tensors(baseline.state_dict(), local / "baseline.safetensors")
     (local / "bundle.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
     if storage.is_s3(target):
         storage.upload_dir(str(local), target)

@@ -23,11 +23,9 @@ from dmoerm.modeling.reward_model import CategoryModel, RewardModel, SingleRewar
 from dmoerm.modeling.router import RouterHead
 from dmoerm.modeling.top import attach_experts
 from dmoerm.training.features import TrunkCache, context_features
-from dmoerm.training.loop import Group
 from dmoerm.training.phases import (
     capability_groups,
-    expert_features,
-    human_groups,
+    phase3_features,
     train_aggregator,
     train_expert,
     train_router,
@@ -139,11 +137,12 @@ def label_stage(cfg: PipelineConfig, splits: dict[str, list[Sample]], labeler: C
         for cap, sources in sorted(cfg.labels.datasets.items()):
             loaded = [s for src in sources for s in load_source(src).samples]
             clean = [s for s in loaded if s.prompt_key not in held_out]
+            excluded = len(loaded) - len(clean)
             clean = subsample(clean, cfg.labels.max_samples_per_capability, seed)
             labels_from_dataset(clean, cap)
             train, val = _split_by_prompt(clean, frac, seed)
-            out.report[cap] = {"loaded": len(loaded), "excluded_held_out_prompts": len(loaded) - len(
-                [s for s in loaded if s.prompt_key not in held_out]), "train": len(train), "val": len(val)}
+            out.report[cap] = {"loaded": len(loaded), "excluded_held_out_prompts": excluded, "train": len(train),
+                               "val": len(val)}
             logger.info("capability %s: %s", cap, out.report[cap])
             for cat in cfg.taxonomy:
                 if cap in cat.capabilities:
@@ -191,16 +190,9 @@ def phase3_stage(backbone: Backbone, cache: TrunkCache, experts, capabilities: l
                  val: list[Sample], cfg: PipelineConfig, desc: str = "phase3", log_metric: MetricFn | None = None,
                  progress: bool = True):
     """Expert features computed once for phase-3 and validation rows, then the aggregator on them."""
-    tg, vg = human_groups(train, cache), human_groups(val, cache)
-    rows = sorted({r for g in tg + vg for r in g.rows})
-    local = {r: i for i, r in enumerate(rows)}
-    feats = expert_features(experts, capabilities, backbone, cache, rows, cfg.model.feature_batch_size,
-                            progress=progress)  # (R, K, H)
-
-    def remap(groups: list[Group]) -> list[Group]:
-        return [Group([local[r] for r in g.rows], g.pairs) for g in groups]
-
-    return train_aggregator(feats, remap(tg), remap(vg), cfg.aggregator, cfg.phase3, seed=cfg.seed, desc=desc,
+    feats, tg, vg = phase3_features(experts, capabilities, backbone, cache, train, val, cfg.model.feature_batch_size,
+                                    progress=progress)  # (R, K, H)
+    return train_aggregator(feats, tg, vg, cfg.aggregator, cfg.phase3, seed=cfg.seed, desc=desc,
                             log_metric=log_metric, progress=progress)
 
 

@@ -43,6 +43,15 @@ def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def _per_sample(samples: Sequence[Sample], flat: list) -> list[list]:
+    """Regroup one flat list (a value per response, samples in order) into one list per sample."""
+    out, k = [], 0
+    for s in samples:
+        out.append(flat[k: k + len(s.responses)])
+        k += len(s.responses)
+    return out
+
+
 def _approx_lengths(contexts: Sequence[Sequence[Turn]], responses: Sequence[str]) -> list[int]:
     return [sum(len(t.content) for t in c) + len(r) for c, r in zip(contexts, responses)]
 
@@ -121,12 +130,7 @@ class RewardModel:
         ctx = [s.context for s in samples for _ in s.responses]
         resp = [r for s in samples for r in s.responses]
         cats = [s.category for s in samples for _ in s.responses] if use_known_category else None
-        flat = self.score(ctx, resp, cats)
-        out, k = [], 0
-        for s in samples:
-            out.append(flat[k: k + len(s.responses)])
-            k += len(s.responses)
-        return out
+        return _per_sample(samples, self.score(ctx, resp, cats))
 
 
 class SingleRewardModel:
@@ -147,10 +151,5 @@ class SingleRewardModel:
         return out
 
     def score_samples(self, samples: Sequence[Sample]) -> list[list[float]]:
-        flat = self.score([s.context for s in samples for _ in s.responses],
-                          [r for s in samples for r in s.responses])
-        out, k = [], 0
-        for s in samples:
-            out.append(flat[k: k + len(s.responses)])
-            k += len(s.responses)
-        return out
+        return _per_sample(samples, self.score([s.context for s in samples for _ in s.responses],
+                                               [r for s in samples for r in s.responses]))

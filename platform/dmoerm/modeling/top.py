@@ -89,6 +89,11 @@ def attach_experts(top: TopStack, capabilities: list[str], lora: LoraSettings) -
     return model
 
 
+def owned_by(name: str, capability: str) -> bool:
+    """Whether a parameter of the peft-wrapped top belongs to ``capability``'s expert (LoRA or value head)."""
+    return f".{capability}." in name or name.endswith(f".{capability}")
+
+
 @dataclass
 class ExpertOutput:
     pooled: torch.Tensor  # (B, K, H) each expert's last hidden state

@@ -11,9 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from dmoerm.bundle import save_tensors
 from dmoerm.config import PipelineConfig
 from dmoerm.configtools import to_dict
 from dmoerm.data.records import Sample
@@ -22,7 +23,7 @@ from dmoerm.modeling.aggregator import Aggregator, AggregatorSpec
 from dmoerm.modeling.backbone import Backbone
 from dmoerm.modeling.reward_model import CategoryModel, RewardModel, SingleRewardModel
 from dmoerm.modeling.router import RouterHead
-from dmoerm.modeling.top import TopStack, attach_experts
+from dmoerm.modeling.top import TopStack, attach_experts, owned_by
 from dmoerm.stages.store import StageStore, fingerprint_uri
 from dmoerm.training.features import TrunkCache, load_trunk_cache, save_trunk_cache
 from dmoerm.training.loop import FitResult, TrainSettings
@@ -50,10 +51,6 @@ def _model_id(cfg: PipelineConfig) -> dict:
     m = cfg.model
     return {"base": m.base, "revision": m.revision, "top_layers": m.top_layers, "pooling": m.pooling,
             "max_length": m.max_length}
-
-
-def _save(tensors: dict[str, torch.Tensor], path) -> None:
-    save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(path))
 
 
 # ---- data, router, labels ---------------------------------------------------------------------
@@ -86,7 +83,7 @@ def route_step(cfg: PipelineConfig, store: StageStore, data_key: str, log_metric
         assigned = {n: assign_categories(bb, router, splits[n], cfg.model.feature_batch_size) for n in SPLITS[:3]}
         for name, part in splits.items():
             store.put_samples("route", key, f"{name}.jsonl", part)
-        _save(router.state_dict(), store.local("route", key) / "router.safetensors")
+        save_tensors(router.state_dict(), store.local("route", key) / "router.safetensors")
         store.mark_done("route", key, {**metrics, "assigned": assigned})
     return key
 
@@ -179,7 +176,7 @@ def top_step(cfg: PipelineConfig, store: StageStore, route_key: str, trunk_key: 
         top, result = train_top(backbone_for(cfg), cache, train, splits["val"], cfg.phase1, seed=cfg.seed,
                                 desc=f"{category}/phase1" if category else "baseline", log_metric=log_metric,
                                 checkpoint=save_ckpt, resume=resume, progress=False)
-        _save(top.state_dict(), store.local(stage, key) / "top.safetensors")
+        save_tensors(top.state_dict(), store.local(stage, key) / "top.safetensors")
         store.mark_done(stage, key, {"val_accuracy": result.best_val_accuracy, "steps": result.steps})
     return key
 
@@ -209,7 +206,7 @@ def expert_key(cfg: PipelineConfig, store: StageStore, inputs: ExpertInputs) -> 
 
 def adapter_tensors(experts: nn.Module, capability: str) -> dict[str, torch.Tensor]:
     """The parameters owned by one expert: its LoRA matrices and its value-head copy."""
-    mine = {k: v for k, v in experts.state_dict().items() if f".{capability}." in k or k.endswith(f".{capability}")}
+    mine = {k: v for k, v in experts.state_dict().items() if owned_by(k, capability)}
     if not mine:
         raise ValueError(f"no parameters found for expert {capability!r}")
     return mine
@@ -221,29 +218,23 @@ def train_expert_step(cfg: PipelineConfig, store: StageStore, inputs: ExpertInpu
                       ) -> tuple[dict[str, torch.Tensor], FitResult]:
     """Train one capability expert (one data-parallel worker's share when ``shard`` is given); returns
     the expert's own tensors. ``wrap`` wraps the model for data parallelism (e.g. DDP)."""
-    from dmoerm.training.phases import capability_groups, top_reward_fn
+    from dmoerm.training.phases import capability_groups, train_expert
 
     spec = next(c for c in cfg.taxonomy if c.name == inputs.category)
     train = capability_samples(store, inputs.labels, inputs.category, inputs.capability, "train")
     val = capability_samples(store, inputs.labels, inputs.category, inputs.capability, "val")
     cache = trunk_cache(cfg, store, inputs.trunk, train + val)
     experts = attach_experts(load_top(cfg, store, "phase1", inputs.phase1), spec.capabilities, cfg.model.lora)
-    experts.set_adapter(inputs.capability)
-    params = [p for p in experts.parameters() if p.requires_grad]
-    model = wrap(experts) if wrap else experts
-    torch.manual_seed(cfg.seed)
-    from dmoerm.training.loop import fit_pairwise
-
-    result = fit_pairwise(experts, params, top_reward_fn(model, backbone_for(cfg), cache),
+    result = train_expert(experts, inputs.capability, backbone_for(cfg), cache,
                           capability_groups(train, inputs.capability, cache),
-                          capability_groups(val, inputs.capability, cache), cache.lengths(), cfg.phase2,
-                          seed=cfg.seed, desc=f"{inputs.category}/expert/{inputs.capability}", log_metric=log_metric,
+                          capability_groups(val, inputs.capability, cache), cfg.phase2, seed=cfg.seed,
+                          desc=f"{inputs.category}/expert/{inputs.capability}", log_metric=log_metric, wrap=wrap,
                           checkpoint=checkpoint, resume=resume, progress=False, shard=shard)
     return adapter_tensors(experts, inputs.capability), result
 
 
 def save_expert(store: StageStore, key: str, tensors: dict[str, torch.Tensor], info: dict) -> None:
-    _save(tensors, store.local("experts", key) / "adapter.safetensors")
+    save_tensors(tensors, store.local("experts", key) / "adapter.safetensors")
     store.mark_done("experts", key, info)
 
 
@@ -267,7 +258,7 @@ def load_experts(cfg: PipelineConfig, store: StageStore, phase1_key: str, expert
 def features_step(cfg: PipelineConfig, store: StageStore, route_key: str, trunk_key: str, phase1_key: str,
                   expert_keys: dict[str, str], category: str) -> str:
     """Every frozen expert's pooled hidden state for the category's phase-3 and validation rows."""
-    from dmoerm.training.phases import expert_features, human_groups
+    from dmoerm.training.phases import phase3_features
 
     key = store.key(route=route_key, trunk=trunk_key, phase1=phase1_key, experts=expert_keys, category=category)
     if store.done("features", key) is None:
@@ -275,16 +266,12 @@ def features_step(cfg: PipelineConfig, store: StageStore, route_key: str, trunk_
         cache = trunk_cache(cfg, store, trunk_key, splits["phase3"] + splits["val"])
         spec = next(c for c in cfg.taxonomy if c.name == category)
         experts = load_experts(cfg, store, phase1_key, expert_keys, category)
-        groups = {n: human_groups(splits[n], cache) for n in ("phase3", "val")}
-        rows = sorted({r for gs in groups.values() for g in gs for r in g.rows})
-        local = {r: i for i, r in enumerate(rows)}
-        feats = expert_features(experts, spec.capabilities, backbone_for(cfg), cache, rows,
-                                cfg.model.feature_batch_size, progress=False)  # (R, K, H)
-        save_file({"features": feats.contiguous()}, str(store.local("features", key) / "features.safetensors"))
+        feats, tg, vg = phase3_features(experts, spec.capabilities, backbone_for(cfg), cache, splits["phase3"],
+                                        splits["val"], cfg.model.feature_batch_size, progress=False)  # (R, K, H)
+        save_tensors({"features": feats}, store.local("features", key) / "features.safetensors")
         store.put_json("features", key, "groups.json",
-                       {n: [{"rows": [local[r] for r in g.rows], "pairs": g.pairs} for g in gs]
-                        for n, gs in groups.items()})
-        store.mark_done("features", key, {"rows": len(rows), "experts": len(spec.capabilities)})
+                       {n: [{"rows": g.rows, "pairs": g.pairs} for g in gs] for n, gs in (("phase3", tg), ("val", vg))})
+        store.mark_done("features", key, {"rows": feats.size(0), "experts": len(spec.capabilities)})
     return key
 
 
@@ -306,7 +293,7 @@ def aggregator_step(cfg: PipelineConfig, store: StageStore, features_key: str, s
         feats, groups = load_features(store, features_key)
         agg, result = train_aggregator(feats, groups["phase3"], groups["val"], spec, settings, seed=cfg.seed,
                                        log_metric=log_metric, progress=False)
-        _save(agg.state_dict(), store.local("aggregator", key) / "aggregator.safetensors")
+        save_tensors(agg.state_dict(), store.local("aggregator", key) / "aggregator.safetensors")
         store.put_json("aggregator", key, "spec.json", to_dict(spec))
         store.mark_done("aggregator", key, {"val_accuracy": result.best_val_accuracy, "steps": result.steps})
     return key

@@ -20,7 +20,7 @@ from dmoerm.data.records import Sample
 from dmoerm.modeling.aggregator import Aggregator, AggregatorSpec
 from dmoerm.modeling.backbone import Backbone
 from dmoerm.modeling.router import RouterHead
-from dmoerm.modeling.top import LoraSettings, TopStack, attach_experts, run_experts
+from dmoerm.modeling.top import TopStack, owned_by, run_experts
 from dmoerm.training.features import TrunkCache
 from dmoerm.training.loop import FitResult, Group, TrainSettings, fit_pairwise
 
@@ -65,21 +65,20 @@ def train_top(backbone: Backbone, cache: TrunkCache, train: Sequence[Sample], va
 
 def train_expert(experts: nn.Module, capability: str, backbone: Backbone, cache: TrunkCache,
                  train: Sequence[Group], val: Sequence[Group], settings: TrainSettings, *, seed: int = 0,
-                 desc: str | None = None, log_metric: MetricFn | None = None, **fit_kwargs) -> FitResult:
-    """Phase 2 for one capability: only its LoRA weights and its own value head are trained."""
+                 desc: str | None = None, log_metric: MetricFn | None = None,
+                 wrap: Callable[[nn.Module], nn.Module] | None = None, **fit_kwargs) -> FitResult:
+    """Phase 2 for one capability: only its LoRA weights and its own value head are trained.
+    ``wrap`` wraps the model for data parallelism (e.g. DDP) in the forward only."""
     torch.manual_seed(seed)
     experts.set_adapter(capability)
     params = [p for p in experts.parameters() if p.requires_grad]
     own = [n for n, p in experts.named_parameters() if p.requires_grad]
-    if not own or any(f".{capability}." not in n and not n.endswith(f".{capability}") for n in own):
+    if not own or not all(owned_by(n, capability) for n in own):
         raise RuntimeError(f"expert {capability!r}: trainable parameters outside its adapter: {own[:3]}")
-    return fit_pairwise(experts, params, top_reward_fn(experts, backbone, cache), train, val, cache.lengths(),
+    model = wrap(experts) if wrap else experts
+    return fit_pairwise(experts, params, top_reward_fn(model, backbone, cache), train, val, cache.lengths(),
                         settings, seed=seed, desc=desc or f"expert/{capability}", log_metric=log_metric,
                         **fit_kwargs)
-
-
-def build_experts(phase1: TopStack, capabilities: list[str], lora: LoraSettings) -> nn.Module:
-    return attach_experts(phase1, capabilities, lora)
 
 
 @torch.no_grad()
@@ -97,6 +96,22 @@ def expert_features(experts: nn.Module, capabilities: list[str], backbone: Backb
         bar.update(len(idx))
     bar.close()
     return out
+
+
+def phase3_features(experts: nn.Module, capabilities: list[str], backbone: Backbone, cache: TrunkCache,
+                    train: Sequence[Sample], val: Sequence[Sample], batch_size: int = 32, progress: bool = True
+                    ) -> tuple[torch.Tensor, list[Group], list[Group]]:
+    """Expert features of every phase-3 and validation row, computed once: (R, K, H), and the two group
+    lists re-indexed into those R rows."""
+    tg, vg = human_groups(train, cache), human_groups(val, cache)
+    rows = sorted({r for g in tg + vg for r in g.rows})
+    local = {r: i for i, r in enumerate(rows)}
+    feats = expert_features(experts, capabilities, backbone, cache, rows, batch_size, progress=progress)
+
+    def remap(groups: list[Group]) -> list[Group]:
+        return [Group([local[r] for r in g.rows], g.pairs) for g in groups]
+
+    return feats, remap(tg), remap(vg)
 
 
 def train_aggregator(features: torch.Tensor, train: Sequence[Group], val: Sequence[Group],
