@@ -1,0 +1,1 @@
+"""Ray-free pieces of the reward server: request schemas, chat-template parsing, scoring service."""
