@@ -17,6 +17,7 @@ the version that scored it. The logic lives in ``dmoerm.serving``; this file is 
 """
 
 import asyncio
+import dataclasses
 import hmac
 import logging
 import os
@@ -430,7 +431,7 @@ class Ingress:
     async def models(self, request: Request) -> JSONResponse:
         async def run(_req: Request) -> dict:
             info = await self._model_info(refresh=True)
-            return {"object": "list", "data": [info]}
+            return {"object": "list", "data": [info | {"limits": dataclasses.asdict(self.limits)}]}
 
         return await self._handle("/v1/models", request, run)
 

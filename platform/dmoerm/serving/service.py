@@ -227,7 +227,7 @@ def conversations_from_get_reward(req: GetRewardRequest, template: str, limits: 
 
 def conversations_from_classify(req: ClassifyRequest, served: ServedModel, template: str,
                                 limits: ServeLimits) -> list[Conversation]:
-    _check_model(req.model, served.name)
+    # ``model`` is not checked: verl sends its reward-model tokenizer's path there, not our model's name.
     t = req.truncate_prompt_tokens
     if t is not None and t > served.max_length:
         raise RequestError(400, f"truncate_prompt_tokens: {t} exceeds this model's max length {served.max_length}",
