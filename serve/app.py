@@ -217,7 +217,8 @@ class AdapterPool(_ModelHolder):
             return ScoreResult(await asyncio.to_thread(served.score_rows, rows), served.name, served.version, rerouted)
         except Exception as e:
             logger.exception("scoring failed")
-            return ScoreResult([], served.name, served.version, error=(500, f"scoring failed: {type(e).__name__}", None))
+            return ScoreResult([], served.name, served.version,
+                               error=(500, f"scoring failed: {type(e).__name__}", None))
 
 
 # ---- the HTTP ingress --------------------------------------------------------------------------------

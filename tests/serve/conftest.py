@@ -12,7 +12,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from services import free_port, mlflow_server  # noqa: F401  (tests/ is on sys.path)
 
 REPO = Path(__file__).resolve().parents[2]

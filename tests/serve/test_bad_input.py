@@ -116,7 +116,8 @@ def test_fuzzed_requests_never_get_a_5xx(server):
         "use_activation": st.none() | st.booleans() | anyjson, "truncate_prompt_tokens": st.integers(-2, 10 ** 6),
         "model": text, "activation": st.booleans()})
     request = st.one_of(
-        st.tuples(st.just("/v1/reward"), reward | st.builds(lambda items: {"inputs": items}, st.lists(reward, max_size=3))),
+        st.tuples(st.just("/v1/reward"),
+                  reward | st.builds(lambda items: {"inputs": items}, st.lists(reward, max_size=3))),
         st.tuples(st.just("/get_reward"), get_reward), st.tuples(st.just("/classify"), classify),
         st.tuples(st.sampled_from(["/v1/reward", "/get_reward", "/classify"]), anyjson))
     seen: list[int] = []

@@ -223,7 +223,8 @@ def parse_body(raw: bytes, model: type[BaseModel], max_bytes: int) -> Any:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise RequestError(400, f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        raise RequestError(400, f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+                           ) from None
     if not isinstance(obj, dict):
         raise RequestError(422, f"request body must be a JSON object, got {type(obj).__name__}")
     try:
