@@ -26,9 +26,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
-# The main job: the whole pipeline as a Ray job on a local Ray instance, MLflow on a SQLite file.
+# The main job: the whole pipeline as a Ray job on a local Ray instance, MLflow on a SQLite file; then the
+# model it registered is served (Ray Serve) and one conversation is scored through POST /v1/reward.
 demo: $(STAMP)
 	RAY_TMPDIR=$${RAY_TMPDIR:-/tmp/ray} $(PY) -m jobs.run_pipeline --config configs/demo.yaml
+	RAY_TMPDIR=$${RAY_TMPDIR:-/tmp/ray} $(PY) -m serve.demo --config configs/demo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -53,6 +53,7 @@ def deploy(cfg: dict, timeout_s: float = 300.0) -> None:
     from ray.serve._private import api as serve_api
     from ray.serve.schema import ServeDeploySchema
 
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's own lines stay in its log files
     schema = ServeDeploySchema.model_validate(cfg)
     client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
                                    proxy_location=schema.proxy_location)
@@ -80,6 +81,16 @@ def curl_example(url: str, token_env: str | None = None) -> str:
     return f"curl -s {url}/v1/reward -H 'Content-Type: application/json'{auth} -d '{body}'"
 
 
+def _log_dir() -> str:
+    """The local Ray session's log folder (replica logs included)."""
+    import ray
+
+    try:
+        return str(Path(ray._private.worker._global_node.get_session_dir_path()) / "logs")
+    except AttributeError:
+        return "the Ray session folder (ray status)"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a bundle folder")
@@ -95,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_serve_config(args.config, {"model": args.model, "tracking_uri": args.tracking_uri},
                             http={"host": args.host, "port": args.port})
     if args.address:
-        ray.init(address=args.address, logging_level=logging.WARNING)
+        ray.init(address=args.address, logging_level=logging.WARNING, log_to_driver=False)
     else:
         env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
@@ -107,15 +118,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     url = f"http://{args.host}:{args.port}"
     token_env = cfg["applications"][0]["args"].get("auth_token_env", "DMOERM_SERVE_TOKEN")
-    print(f"serving {args.model} at {url} (OpenAPI: {url}/docs); Ctrl-C stops it")
-    print(curl_example(url, token_env if os.environ.get(token_env) else None))
+    print(f"serving {args.model} at {url} (OpenAPI: {url}/docs)", flush=True)
+    print(curl_example(url, token_env if os.environ.get(token_env) else None), flush=True)
+    if args.address:  # deployed on a cluster: it keeps serving there (serve shutdown / serve status)
+        return 0
+    print(f"Ctrl-C stops it; Ray's and the replicas' logs: {_log_dir()}", flush=True)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        from ray import serve
-
-        serve.shutdown()
+        ray.shutdown()
     return 0
 
 

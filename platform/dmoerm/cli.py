@@ -1,4 +1,4 @@
-"""The ``dmoerm`` command line: train, evaluate, score, label.
+"""The ``dmoerm`` command line: train, evaluate, score, label, serve, submit, promote.
 
 Every command takes ``--config FILE`` (YAML) and trailing ``dotted.key=value`` overrides where it has a
 config. Exit status 2 and one clear line on bad input.
@@ -134,19 +134,33 @@ def cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
-def _jobs_module():
-    """The Ray job layer lives in the checkout's ``jobs/`` (the library never imports Ray)."""
+def _repo_module(name: str):
+    """The Ray layers (``jobs/``, ``serve/``) live in the checkout, not in the library (which never imports Ray)."""
     import importlib
     import os
 
     import dmoerm
 
     repo = Path(os.environ.get("DMOERM_REPO") or Path(dmoerm.__file__).resolve().parents[2])
-    if not (repo / "jobs" / "submit_pipeline.py").exists():
-        raise ValueError(f"no jobs/submit_pipeline.py under {repo}: run from a dmoerm checkout or set DMOERM_REPO")
+    if not (repo / (name.replace(".", "/") + ".py")).exists():
+        raise ValueError(f"no {name.replace('.', '/')}.py under {repo}: run from a dmoerm checkout or set DMOERM_REPO")
     if str(repo) not in sys.path:
         sys.path.insert(0, str(repo))
-    return importlib.import_module("jobs.submit_pipeline")
+    return importlib.import_module(name)
+
+
+def _jobs_module():
+    return _repo_module("jobs.submit_pipeline")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a bundle or registered model on a local Ray instance (or a cluster) until Ctrl-C."""
+    argv = ["--model", args.model, "--host", args.host, "--port", str(args.port)]
+    for flag, value in (("--config", args.serve_config), ("--tracking-uri", args.tracking_uri),
+                        ("--address", args.address), ("--num-cpus", args.num_cpus)):
+        if value is not None:
+            argv += [flag, str(value)]
+    return _repo_module("serve.deploy").main(argv)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -239,6 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--fail-expert", help=argparse.SUPPRESS)
     sb.add_argument("overrides", nargs="*")
     sb.set_defaults(fn=cmd_submit)
+    sv = sub.add_parser("serve", help="serve a model over HTTP (Ray Serve): /v1/reward, /get_reward, /classify")
+    sv.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a bundle folder")
+    sv.add_argument("--config", dest="serve_config", help="Serve config (default: serve/config.yaml)")
+    sv.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--address", help="a running Ray cluster (default: a local Ray instance)")
+    sv.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance")
+    sv.set_defaults(fn=cmd_serve)
     for name, fn, helptext in (("status", cmd_status, "a submitted job's status"),
                                ("logs", cmd_logs, "a submitted job's logs")):
         q = sub.add_parser(name, help=helptext)

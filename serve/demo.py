@@ -1,0 +1,74 @@
+"""The end of ``make demo``: serve the model the pipeline just registered, score one conversation through
+``POST /v1/reward``, print the answer and the commands to do it yourself.
+
+    python -m serve.demo --config configs/demo.yaml
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONVERSATION = [{"role": "user",
+                 "content": "Can you help me write a polite note to my neighbour about their loud music?"}]
+RESPONSES = ["Of course. Try: 'Hi! I hope you're well. Would you mind turning the music down after 10pm? Thanks!'",
+             "Just call the police on them."]
+
+
+def latest_version(tracking_uri: str, name: str) -> str:
+    from mlflow import MlflowClient
+
+    versions = MlflowClient(tracking_uri).search_model_versions(f"name='{name}'")
+    if not versions:
+        raise ValueError(f"no version of {name!r} is registered at {tracking_uri}: run the pipeline first")
+    return str(max(int(v.version) for v in versions))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--port", type=int, default=8000)
+    args = p.parse_args(argv)
+    import ray
+
+    from dmoerm.client import RewardClient
+    from dmoerm.config import load_config
+    from dmoerm.tracking import default_tracking_uri
+    from serve.deploy import curl_example, deploy, load_serve_config
+
+    cfg = load_config(args.config)
+    storage = cfg.platform.storage_uri
+    storage = storage if "://" in storage else os.path.abspath(storage)  # as jobs.run_pipeline resolves it
+    tracking = cfg.platform.mlflow_tracking_uri or default_tracking_uri(storage)
+    name = cfg.platform.registered_model or cfg.name
+    model = f"models:/{name}/{latest_version(tracking, name)}"
+    print(f"\nserving {model} (Ray Serve: ingress, router, adapter pool) ...", flush=True)
+    t0 = time.time()
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    ray.init(include_dashboard=False, runtime_env={"env_vars": env}, logging_level=logging.WARNING,
+             log_to_driver=False)
+    try:
+        deploy(load_serve_config(args={"model": model, "tracking_uri": tracking}, http={"port": args.port}))
+        url = f"http://127.0.0.1:{args.port}"
+        with RewardClient(url) as client:
+            answer = client.reward(CONVERSATION, RESPONSES)
+        print(f"ready in {time.time() - t0:.0f} s at {url}; POST /v1/reward answered:")
+        print(json.dumps({k: answer[k] for k in ("model", "version", "category", "category_prob", "rewards",
+                                                 "capability_scores")}, indent=2))
+        print("\nserve it yourself, then call it:")
+        print(f"  .venv/bin/dmoerm serve --model {model} --tracking-uri {tracking}")
+        print(f"  {curl_example(url)}")
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
