@@ -1,0 +1,170 @@
+"""The reward endpoint under load vs in-process batched scoring, on the same MiniLM bundle and real rows.
+
+The bundle: MiniLM (top_layers=1, max_length 128), 2 categories x K=5 perturbed LoRA experts, the router as
+configs/demo.yaml configures it. Served from the shipped serve/config.yaml (one AdapterPool replica, torch
+at ``--threads``), it is hit by ``--concurrency`` clients posting single-response ``/v1/reward`` requests
+(real hh-rlhf rows) over HTTP from this process, as an RL trainer's reward calls arrive. Figures:
+
+- ``endpoint_rows_per_s`` (best over the concurrency levels), ``p50_ms`` / ``p99_ms`` latency at that level;
+- ``inprocess_rows_per_s``: ``RewardModel.score`` on the same rows in one call, batch 32, same threads;
+- ``endpoint_vs_inprocess``: their ratio, target >= 0.7 (both measured in this run; the load generator,
+  proxy, ingress and router share the same 2 cores with the pool, as they would on one node);
+- ``max_batch_rows`` / ``mean_batch_rows``: what ``@serve.batch`` coalesced in the pool;
+- ``cost_ratio_k5_with_router``: K=5 experts + router vs a single RM on the same rows (bench_scorer's
+  definition, CPU time on one thread), target <= 2.0.
+
+    python bench/bench_serve.py [--requests 384] [--concurrency 16 64] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _common import REPO, build_category, interleaved, load_rows, median_ratio, setup
+
+from dmoerm.bundle import load_bundle, save_bundle
+from dmoerm.config import load_config
+from dmoerm.modeling.aggregator import AggregatorSpec
+from dmoerm.modeling.backbone import load_backbone
+from dmoerm.modeling.reward_model import RewardModel, SingleRewardModel
+from dmoerm.modeling.router import RouterHead
+from dmoerm.modeling.top import LoraSettings, TopStack
+
+sys.path.insert(0, str(REPO))
+NUM_EXPERTS, MAX_LENGTH = 5, 128
+
+
+def build_bundle(folder: Path) -> str:
+    router_spec = load_config(REPO / "configs" / "demo.yaml").router
+    backbone = load_backbone("minilm", top_layers=1, max_length=MAX_LENGTH)
+    cats = {n: build_category(backbone, n, NUM_EXPERTS, seed=i) for i, n in enumerate(["helpful", "red_team"])}
+    torch.manual_seed(0)
+    router = RouterHead(backbone.hidden_size, list(cats), width=router_spec.width,
+                        inputs=router_spec.inputs()).eval()
+    model = RewardModel(backbone, router, cats, batch_size=32)
+    return save_bundle(folder / "bundle", model, lora=LoraSettings(), aggregator=AggregatorSpec(),
+                       router_width=router_spec.width, baseline=TopStack(backbone))
+
+
+async def load(url: str, rows: list[tuple[list[dict], str]], concurrency: int) -> tuple[float, list[float], int]:
+    """Post every row once with ``concurrency`` clients; (wall seconds, latencies in ms, failures)."""
+    import httpx
+
+    queue = list(enumerate(rows))
+    latencies: list[float] = []
+    failures = 0
+
+    async def client(http) -> None:
+        nonlocal failures
+        while queue:
+            _, (messages, response) = queue.pop()
+            t = time.perf_counter()
+            r = await http.post("/v1/reward", json={"messages": messages, "response": response})
+            latencies.append((time.perf_counter() - t) * 1000)
+            failures += r.status_code != 200
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+        return time.perf_counter() - t0, latencies, failures
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def bench_endpoint(bundle: str, contexts, responses, concurrency: list[int], threads: int) -> dict:
+    import ray
+    from ray import serve
+
+    from serve.deploy import deploy, load_serve_config
+
+    rows = [([{"role": t.role, "content": t.content} for t in c], r) for c, r in zip(contexts, responses)]
+    ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}})
+    port = 8000 + os.getpid() % 1000
+    cfg = load_serve_config(args={"model": bundle, "torch_threads": threads, "reload_interval_s": 0},
+                            deployments={"AdapterPool": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}},
+                                         "Router": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}},
+                                         "Ingress": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}},
+                            http={"port": port})
+    try:
+        deploy(cfg)
+        url = f"http://127.0.0.1:{port}"
+        asyncio.run(load(url, rows[:32], 8))  # warm-up
+        pool = serve.get_deployment_handle("AdapterPool", app_name="dmoerm")
+        best: dict = {}
+        for c in concurrency:
+            before = pool.batch_stats.remote().result()
+            wall, lat, failed = asyncio.run(load(url, rows, c))
+            after = pool.batch_stats.remote().result()
+            batches = after["batches"] - before["batches"]
+            fig = {"concurrency": c, "endpoint_rows_per_s": len(rows) / wall, "p50_ms": pct(lat, 0.5),
+                   "p99_ms": pct(lat, 0.99), "failed": failed, "max_batch_rows": after["max_rows"],
+                   "mean_batch_rows": (after["rows"] - before["rows"]) / max(batches, 1)}
+            print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in fig.items()}), flush=True)
+            if fig["endpoint_rows_per_s"] > best.get("endpoint_rows_per_s", 0):
+                best = fig
+        return best
+    finally:
+        ray.shutdown()
+
+
+def bench_inprocess(bundle: str, contexts, responses, threads: int, repeats: int) -> float:
+    torch.set_num_threads(threads)
+    model = load_bundle(bundle).model
+    model.score(contexts[:32], responses[:32])
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model.score(contexts, responses)
+        times.append(time.perf_counter() - t)
+    return len(responses) / statistics.median(times)
+
+
+def bench_cost(bundle: str, contexts, responses, repeats: int) -> float:
+    """K=5 + router / single RM, one torch thread, CPU time (bench_scorer's cost_ratio_k5_with_router)."""
+    torch.set_num_threads(1)
+    loaded = load_bundle(bundle)
+    model, single = loaded.model, SingleRewardModel(loaded.model.backbone, TopStack(loaded.model.backbone))
+    forced = [next(iter(model.categories))] * len(responses)  # K=5 experts of one category, route timed apart
+    cpu, _ = interleaved({"k5": lambda: model.score(contexts, responses, forced),
+                          "router": lambda: model.route(contexts),
+                          "single": lambda: single.score(contexts, responses)}, repeats)
+    return median_ratio([a + b for a, b in zip(cpu["k5"], cpu["router"])], cpu["single"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--requests", type=int, default=384)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    setup(args.threads)
+    contexts, responses = load_rows(args.requests)
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        bundle = build_bundle(Path(tmp))
+        inproc = bench_inprocess(bundle, contexts, responses, args.threads, args.repeats)
+        endpoint = bench_endpoint(bundle, contexts, responses, args.concurrency, args.threads)
+        cost = bench_cost(bundle, contexts[:32], responses[:32], args.repeats)
+    figures = {**{k: v for k, v in endpoint.items()}, "inprocess_rows_per_s": inproc,
+               "endpoint_vs_inprocess": endpoint["endpoint_rows_per_s"] / inproc,
+               "cost_ratio_k5_with_router": cost, "requests": args.requests, "threads": args.threads}
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}))
+
+
+if __name__ == "__main__":
+    main()
