@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from tiny import TINY_LORA, build_reward_model, save_tiny, user
 
 from dmoerm.bundle import BUNDLE_FORMAT, load_bundle, read_meta, save_bundle
 from dmoerm.data.records import Turn
 from dmoerm.modeling.aggregator import AggregatorSpec
 from dmoerm.modeling.reward_model import RewardModel
+from dmoerm.modeling.router import RouterInput, context_features
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -104,4 +107,34 @@ def test_save_and_load_through_s3(tiny_bundle, s3_server):
     assert "runs/r1/bundle/bundle.json" in keys and "runs/r1/bundle/categories/qa/experts.safetensors" in keys
     loaded = load_bundle(uri)
     assert loaded.baseline is None
+    _assert_same_scores(model, loaded.model)
+
+
+def test_bundle_round_trips_the_router_inputs(tiny_bundle, tmp_path):
+    backbone = tiny_bundle[1].backbone
+    inputs = RouterInput(layers=1, max_context_tokens=8)
+    model = build_reward_model(backbone, {"chat": ["empathy"], "qa": ["correctness"]}, router_inputs=inputs)
+    path = save_bundle(tmp_path / "b", model, lora=TINY_LORA, aggregator=AggregatorSpec(), router_width=0)
+    entry = read_meta(path)["router"]
+    assert (entry["layers"], entry["max_context_tokens"], entry["source"]) == (1, 8, "context")
+    loaded = load_bundle(path, backbone=backbone)
+    assert loaded.model.router_inputs == RouterInput(1, 8, "context")
+    names, probs, _ = loaded.model.route(CONTEXTS)
+    assert (names, probs) == model.route(CONTEXTS)[:2]
+    _assert_same_scores(model, loaded.model)
+
+
+def test_bundles_without_router_inputs_route_from_the_whole_trunk_as_before(tiny_bundle, tmp_path):
+    src, model, _ = tiny_bundle
+    old = tmp_path / "old"
+    shutil.copytree(src, old)
+    meta = json.loads((old / "bundle.json").read_text())
+    meta["router"] = {"width": 0, "features": "trunk-mean-pool of the context"}  # what older bundles hold
+    (old / "bundle.json").write_text(json.dumps(meta))
+    loaded = load_bundle(old, backbone=model.backbone)
+    assert loaded.model.router_inputs == RouterInput(None, None, "context")
+    feats = context_features(model.backbone, CONTEXTS, RouterInput(source="context"))  # full trunk, whole context
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.route(CONTEXTS)[2], model.router(feats).softmax(-1), atol=1e-6,
+                                   rtol=0)
     _assert_same_scores(model, loaded.model)

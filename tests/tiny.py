@@ -19,7 +19,7 @@ from dmoerm.data.records import Sample, Turn
 from dmoerm.modeling.aggregator import Aggregator, AggregatorSpec
 from dmoerm.modeling.backbone import Backbone, build_backbone, load_backbone, resolve_model_path
 from dmoerm.modeling.reward_model import CategoryModel, RewardModel
-from dmoerm.modeling.router import RouterHead
+from dmoerm.modeling.router import RouterHead, RouterInput
 from dmoerm.modeling.top import LoraSettings, TopStack, attach_experts
 
 Kind = Literal["bert", "llama"]
@@ -87,17 +87,20 @@ def perturb_(module: nn.Module, match: Sequence[str], scale: float = 0.2, seed: 
     return touched
 
 
-def build_reward_model(backbone: Backbone, taxonomy: dict[str, list[str]], seed: int = 0) -> RewardModel:
-    """A RewardModel with random router, experts (adapters and heads moved off their init) and aggregators."""
+def build_reward_model(backbone: Backbone, taxonomy: dict[str, list[str]], seed: int = 0,
+                       router_inputs: RouterInput | None = None, **kwargs: Any) -> RewardModel:
+    """A RewardModel with random router (reading ``router_inputs``), experts (adapters and heads moved off
+    their init) and aggregators; ``kwargs`` go to ``RewardModel`` (batch size 4 unless given)."""
     torch.manual_seed(seed)
-    router = RouterHead(backbone.hidden_size, list(taxonomy))
+    router = RouterHead(backbone.hidden_size, list(taxonomy), inputs=router_inputs)
     categories = {}
     for i, (name, caps) in enumerate(taxonomy.items()):
         experts = attach_experts(TopStack(backbone), caps, TINY_LORA)
         perturb_(experts, ["lora_", "modules_to_save"], seed=seed + i)
         agg = Aggregator(len(caps), backbone.hidden_size, AggregatorSpec())
         categories[name] = CategoryModel(name, list(caps), experts, agg)
-    return RewardModel(backbone, router, categories, batch_size=4)
+    kwargs.setdefault("batch_size", 4)
+    return RewardModel(backbone, router, categories, **kwargs)
 
 
 # ---- synthetic preference data: the better response is polite, the worse one rude ---------------------

@@ -1,7 +1,8 @@
 """The model bundle: everything needed to score, in one versioned folder (DESIGN.md §5).
 
     bundle.json                  format version, base model reference + revision + weight fingerprint,
-                                 pooling, max length, taxonomy, LoRA and aggregator settings, metrics
+                                 pooling, max length, taxonomy, router inputs (layers, max context
+                                 tokens, source), LoRA and aggregator settings, metrics
     tokenizer/                   the tokenizer files
     router.safetensors           router head
     categories/<name>/experts.safetensors     top blocks + every LoRA adapter + every expert's value head
@@ -27,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from dmoerm.modeling.aggregator import Aggregator, AggregatorSpec
 from dmoerm.modeling.backbone import Backbone, load_backbone
 from dmoerm.modeling.reward_model import CategoryModel, RewardModel, SingleRewardModel
-from dmoerm.modeling.router import RouterHead
+from dmoerm.modeling.router import RouterHead, RouterInput
 from dmoerm.modeling.top import LoraSettings, TopStack, attach_experts
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def save_bundle(path: str | Path, model: RewardModel, *, lora: LoraSettings, agg
                  "pooling": bb.pooling, "max_length": bb.max_length, "hidden_size": bb.hidden_size},
         "taxonomy": [{"name": c.name, "capabilities": c.capabilities, "aggregator": asdict(c.aggregator.spec)}
                      for c in model.categories.values()],
-        "router": {"width": router_width, "features": "trunk-mean-pool of the context"},
+        "router": router_meta(model.router_inputs, router_width),
         "lora": asdict(lora),
         "aggregator": asdict(aggregator),
         "baseline": baseline is not None,
@@ -91,6 +92,21 @@ def save_bundle(path: str | Path, model: RewardModel, *, lora: LoraSettings, agg
     return target
 
 
+def router_meta(inputs: RouterInput, width: int) -> dict[str, Any]:
+    """The bundle's ``router`` entry: its width and what it reads (``inputs`` resolved on the backbone)."""
+    depth = "the whole trunk" if inputs.layers is None else f"the first {inputs.layers} blocks"
+    span = "" if inputs.max_context_tokens is None else f", last {inputs.max_context_tokens} tokens"
+    return {"width": width, "layers": inputs.layers, "max_context_tokens": inputs.max_context_tokens,
+            "source": inputs.source, "features": f"mean-pool of the context{span} after {depth} ({inputs.source})"}
+
+
+def router_inputs_of(entry: dict[str, Any]) -> RouterInput:
+    """``router_meta`` read back; bundles written before these settings existed routed from a full-trunk
+    pass over the whole (max_length) context, which is what the missing keys mean."""
+    return RouterInput(layers=entry.get("layers"), max_context_tokens=entry.get("max_context_tokens"),
+                       source=entry.get("source", "context"))
+
+
 def read_meta(path: str | Path) -> dict[str, Any]:
     meta_path = Path(path) / "bundle.json"
     if not meta_path.exists():
@@ -103,10 +119,11 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 
 def load_bundle(path: str | Path, *, base: str | None = None, batch_size: int = 32,
-                backbone: Backbone | None = None, trust_remote_code: bool = False,
-                check_fingerprint: bool = True) -> LoadedBundle:
+                max_batch_tokens: int | None = None, backbone: Backbone | None = None,
+                trust_remote_code: bool = False, check_fingerprint: bool = True) -> LoadedBundle:
     """Load a bundle from a folder or an ``s3://`` prefix. ``base`` overrides where the base weights are
-    read from (the same weights: their fingerprint is checked)."""
+    read from (the same weights: their fingerprint is checked). ``batch_size`` and ``max_batch_tokens``
+    bound the scorers' batches (rows, and padded tokens)."""
     from dmoerm import storage
 
     src = str(path)
@@ -127,7 +144,8 @@ def load_bundle(path: str | Path, *, base: str | None = None, batch_size: int = 
     lora = LoraSettings(**meta["lora"])
     spec = AggregatorSpec(**meta["aggregator"])
     names = [c["name"] for c in meta["taxonomy"]]
-    router = RouterHead(backbone.hidden_size, names, width=meta["router"]["width"])
+    router = RouterHead(backbone.hidden_size, names, width=meta["router"]["width"],
+                        inputs=router_inputs_of(meta["router"]))
     router.load_state_dict(load_file(str(local / "router.safetensors")))
     categories = {}
     for c in meta["taxonomy"]:
@@ -137,10 +155,10 @@ def load_bundle(path: str | Path, *, base: str | None = None, batch_size: int = 
                          AggregatorSpec(**c["aggregator"]) if "aggregator" in c else spec)
         agg.load_state_dict(load_file(str(local / "categories" / c["name"] / "aggregator.safetensors")))
         categories[c["name"]] = CategoryModel(c["name"], list(c["capabilities"]), experts, agg)
-    model = RewardModel(backbone, router, categories, batch_size=batch_size)
+    model = RewardModel(backbone, router, categories, batch_size=batch_size, max_batch_tokens=max_batch_tokens)
     baseline = None
     if meta.get("baseline"):
         top = TopStack(backbone)
         top.load_state_dict(load_file(str(local / "baseline.safetensors")))
-        baseline = SingleRewardModel(backbone, top, batch_size=batch_size)
+        baseline = SingleRewardModel(backbone, top, batch_size=batch_size, max_batch_tokens=max_batch_tokens)
     return LoadedBundle(model=model, baseline=baseline, meta=meta, path=local)

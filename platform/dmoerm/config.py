@@ -14,6 +14,7 @@ from dmoerm.data.loaders import SourceConfig
 from dmoerm.data.splits import SplitConfig
 from dmoerm.labeling.judge import JudgeConfig
 from dmoerm.modeling.aggregator import AggregatorSpec
+from dmoerm.modeling.router import RouterInput
 from dmoerm.modeling.top import LoraSettings
 from dmoerm.promotion import PromotionConfig
 from dmoerm.training.loop import TrainSettings
@@ -94,8 +95,9 @@ class ModelSpec:
 
 
 @dataclass
-class RouterSpec:
-    """The outer sparse router."""
+class RouterSpec(RouterInput):
+    """The outer sparse router: what it reads (``layers``, ``max_context_tokens``, ``source``, documented
+    on ``RouterInput``), its shape and its training."""
 
     width: int = 0
     """Hidden width of the router MLP (0: a linear classifier)."""

@@ -20,9 +20,9 @@ from dmoerm.data.splits import split_samples
 from dmoerm.evaluation import EvalReport, evaluate
 from dmoerm.modeling.backbone import Backbone, load_backbone
 from dmoerm.modeling.reward_model import CategoryModel, RewardModel, SingleRewardModel
-from dmoerm.modeling.router import RouterHead
+from dmoerm.modeling.router import RouterHead, context_features
 from dmoerm.modeling.top import attach_experts
-from dmoerm.training.features import TrunkCache, context_features
+from dmoerm.training.features import TrunkCache
 from dmoerm.training.phases import (
     capability_groups,
     phase3_features,
@@ -76,13 +76,17 @@ def load_data(cfg: PipelineConfig) -> tuple[list[Sample], dict]:
 # ---- stage: router ----------------------------------------------------------------------------
 def train_router_stage(backbone: Backbone, splits: dict[str, list[Sample]], cfg: PipelineConfig,
                        log_metric: MetricFn | None = None) -> tuple[RouterHead, dict]:
+    """The router on the contexts of samples with a known category; its features are ``context_features``
+    with ``cfg.router``'s input settings, which the head records for scoring."""
     names = [c.name for c in cfg.taxonomy]
     idx = {n: i for i, n in enumerate(names)}
     bs = cfg.model.feature_batch_size
+    inputs = cfg.router.resolve(backbone)
 
     def feats(samples: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
         known = [s for s in samples if s.category is not None]
-        x = context_features(backbone, [s.context for s in known], bs) if known else torch.zeros(0, 1)
+        x = (context_features(backbone, [s.context for s in known], inputs, batch_size=bs) if known
+             else torch.zeros(0, 1))
         return x, torch.tensor([idx[s.category] for s in known], dtype=torch.long)
 
     x, y = feats(splits["phase1"] + splits["phase3"])
@@ -90,7 +94,7 @@ def train_router_stage(backbone: Backbone, splits: dict[str, list[Sample]], cfg:
     if len(y) == 0 and len(names) > 1:
         raise ValueError("no sample has a known category: give at least one data source a `category`")
     return train_router(x, y, vx, vy, names, cfg.router.train, width=cfg.router.width, seed=cfg.seed,
-                        log_metric=log_metric)
+                        log_metric=log_metric, inputs=inputs)
 
 
 @torch.no_grad()
@@ -98,7 +102,8 @@ def assign_categories(backbone: Backbone, router: RouterHead, samples: list[Samp
     """Give the router's category to every sample without one; returns how many were assigned."""
     todo = [s for s in samples if s.category is None]
     if todo:
-        pred = router(context_features(backbone, [s.context for s in todo], batch_size)).argmax(-1)
+        feats = context_features(backbone, [s.context for s in todo], router.inputs, batch_size=batch_size)
+        pred = router(feats).argmax(-1)  # (N,)
         for s, p in zip(todo, pred.tolist()):
             s.category = router.categories[p]
     return len(todo)

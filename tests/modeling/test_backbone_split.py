@@ -7,7 +7,7 @@ import torch
 from tiny import minilm_tokenizer, tiny_backbone, tiny_model, user
 
 from dmoerm.data.records import Turn
-from dmoerm.modeling.backbone import Backbone, build_backbone, load_backbone, pool
+from dmoerm.modeling.backbone import Backbone, build_backbone, load_backbone, pool, render_context
 from dmoerm.modeling.top import TopStack
 
 CONTEXTS = [user("hello there, how are you doing today?"), user("hi"),
@@ -87,3 +87,61 @@ def test_real_minilm_split_matches_the_full_model():
     assert (bb.num_layers, bb.hidden_size, bb.pooling) == (6, 384, "cls")
     pooled, full, _ = _split_vs_full(bb)
     torch.testing.assert_close(pooled, full, atol=1e-5, rtol=0)
+
+
+def test_encode_counts_the_tokens_truncation_drops_per_row():
+    bb = tiny_backbone("bert", max_length=24)
+    tok = minilm_tokenizer()
+    ctx = user(" ".join(f"word{i}" for i in range(60)))
+    resp = " ".join(["gamma"] * 60)
+    c = len(tok(render_context(ctx), add_special_tokens=False)["input_ids"])
+    r = len(tok(resp, add_special_tokens=False)["input_ids"])
+    budget = 24 - 3  # [CLS] c [SEP] r [SEP]
+    kept_r = budget - budget // 4  # the context keeps a quarter of the budget
+    enc = bb.encode([ctx, user("short")], [resp, "ok"])
+    assert enc.context_dropped.tolist() == [c - budget // 4, 0]
+    assert enc.response_dropped.tolist() == [r - kept_r, 0]
+    assert enc.context_ends.tolist()[0] == 1 + budget // 4
+    short = enc.input_ids[1, : int(enc.context_ends[1])].tolist()
+    assert short == [tok.cls_token_id] + tok(render_context(user("short")), add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_block_inputs_at_several_depths_come_from_one_forward_and_match_hf(kind):
+    bb = tiny_backbone(kind)
+    enc = bb.encode(CONTEXTS, RESPONSES)
+    states = bb.block_inputs(enc, [2, 0, 1])
+    with torch.no_grad():
+        ref = bb.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, output_hidden_states=True,
+                       use_cache=False).hidden_states
+    m = enc.attention_mask[..., None]
+    for d, s in zip([2, 0, 1], states):
+        torch.testing.assert_close(s * m, ref[d] * m, atol=1e-5, rtol=0)
+    torch.testing.assert_close(bb.trunk(enc), states[0], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="block index 3"):
+        bb.block_inputs(enc, [3])
+
+
+def _flat(x):
+    if isinstance(x, dict):
+        return [v for k in sorted(x) for v in _flat(x[k])]
+    if isinstance(x, (tuple, list)):
+        return [v for a in x for v in _flat(a)]
+    return [x]
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+@pytest.mark.parametrize("rows", [1, 4])
+def test_layer_inputs_for_repeated_rows_equal_the_ones_built_for_all_rows(kind, rows):
+    bb = tiny_backbone(kind)
+    mask = bb.encode(CONTEXTS[:rows], RESPONSES[:rows]).attention_mask
+    mask = torch.cat([mask, torch.zeros(rows, 2, dtype=mask.dtype)], 1)  # padding in every batch, even of 1
+    repeated = bb.layer_inputs(mask, repeat=5)
+    direct = bb.layer_inputs(mask.repeat(5, 1))
+    a, b = _flat(list(repeated)), _flat(list(direct))
+    assert len(a) == len(b) and any(isinstance(x, torch.Tensor) and x.size(0) == 5 * rows for x in a)
+    for x, y in zip(a, b):
+        if isinstance(x, torch.Tensor):
+            torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
+        else:
+            assert x == y

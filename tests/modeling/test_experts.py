@@ -78,3 +78,21 @@ def test_default_lora_targets_follow_the_architecture():
 def test_bad_capability_lists_are_rejected(caps, message):
     with pytest.raises(ValueError, match=message):
         attach_experts(TopStack(tiny_backbone("bert")), caps, TINY_LORA)
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_experts_on_layer_inputs_built_once_equal_the_ones_built_for_k_times_the_rows(kind):
+    bb = tiny_backbone(kind)
+    experts = attach_experts(TopStack(bb), CAPS, TINY_LORA)
+    perturb_(experts, ["lora_", "modules_to_save"])
+    experts.eval()
+    hidden, mask = _inputs(bb)
+    out = run_experts(experts, CAPS, bb, hidden, mask)
+    k, b = len(CAPS), hidden.size(0)
+    m = mask.repeat(k, 1)  # (K*B, T)
+    args, kwargs = bb.layer_inputs(m)  # the arguments built for all K*B rows
+    with torch.no_grad():
+        pooled, scores = experts(hidden.repeat(k, 1, 1), m, args, kwargs,
+                                 adapter_names=[c for c in CAPS for _ in range(b)])
+    torch.testing.assert_close(out.pooled, pooled.view(k, b, -1).transpose(0, 1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.scores, scores.view(k, b).T, atol=1e-6, rtol=0)

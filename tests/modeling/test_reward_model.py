@@ -6,9 +6,10 @@ import pytest
 import torch
 from tiny import build_reward_model, tiny_backbone, user
 
-from dmoerm.modeling.reward_model import RewardModel
+from dmoerm.modeling.backbone import length_batches
+from dmoerm.modeling.reward_model import RewardModel, SingleRewardModel
 from dmoerm.modeling.router import RouterHead
-from dmoerm.modeling.top import run_experts
+from dmoerm.modeling.top import TopStack, run_experts
 
 TAXONOMY = {"chat": ["empathy", "logic"], "qa": ["correctness"]}
 CONTEXTS = [user("hello, how are you?"), user("what is the capital of France?"), user("hi"),
@@ -71,3 +72,52 @@ def test_bad_inputs_are_rejected(model):
         RewardModel(model.backbone, RouterHead(32, ["qa", "chat"]), cats)
     with pytest.raises(ValueError, match="distinct category names"):
         RouterHead(32, ["a", "a"])
+
+
+def test_length_batches_sort_by_length_and_respect_both_caps():
+    lengths = [5, 40, 7, 12, 3, 12, 100, 9]
+    batches = length_batches(lengths, batch_size=3, max_batch_tokens=30)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    flat = [lengths[i] for b in batches for i in b]
+    assert flat == sorted(lengths)
+    for b in batches:
+        assert len(b) <= 3 and (len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 30)
+    assert [[lengths[i] for i in b] for b in batches] == [[3, 5, 7], [9, 12], [12], [40], [100]]  # 3 * 12 > 30
+    assert length_batches(lengths, batch_size=4) == [[4, 0, 2, 7], [3, 5, 1, 6]]
+    with pytest.raises(ValueError, match="max_batch_tokens must be >= 1"):
+        length_batches(lengths, 4, 0)
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_token_capped_batches_stay_under_the_cap_and_change_no_reward(monkeypatch, kind):
+    bb = tiny_backbone(kind)
+    capped = build_reward_model(bb, TAXONOMY, batch_size=8, max_batch_tokens=40)
+    one_by_one = build_reward_model(bb, TAXONOMY, batch_size=1)
+    shapes: list[tuple[int, int]] = []
+    real_pad = bb.pad
+    monkeypatch.setattr(bb, "pad", lambda rows: shapes.append((len(rows), max(len(r.ids) for r in rows)))
+                        or real_pad(rows))
+    scored = capped.score(CONTEXTS, RESPONSES)
+    assert shapes and all(n * t <= 40 or n == 1 for n, t in shapes) and max(n for n, _ in shapes) > 1
+    alone = one_by_one.score(CONTEXTS, RESPONSES)
+    assert [s.reward for s in scored] == pytest.approx([s.reward for s in alone], abs=1e-5)
+    assert [s.category_prob for s in scored] == pytest.approx([s.category_prob for s in alone], abs=1e-5)
+    single = SingleRewardModel(bb, TopStack(bb), batch_size=8, max_batch_tokens=40)
+    shapes.clear()
+    batched = single.score(CONTEXTS, RESPONSES)
+    assert shapes and all(n * t <= 40 or n == 1 for n, t in shapes)
+    assert batched == pytest.approx(SingleRewardModel(bb, single.top, batch_size=1).score(CONTEXTS, RESPONSES),
+                                    abs=1e-5)
+
+
+def test_scores_report_row_tokens_and_truncation():
+    bb = tiny_backbone("bert", max_length=24)
+    model = build_reward_model(bb, TAXONOMY)
+    long_ctx = user(" ".join(f"word{i}" for i in range(60)))
+    long_resp = " ".join(["gamma"] * 60)
+    scores = model.score([long_ctx, user("hi")], [long_resp, "yo"])
+    enc = bb.encode([long_ctx, user("hi")], [long_resp, "yo"])
+    assert scores[0].tokens == 24 and scores[1].tokens == int(enc.attention_mask[1].sum())
+    assert scores[0].context_tokens_dropped == int(enc.context_dropped[0]) > 0
+    assert scores[0].response_tokens_dropped == int(enc.response_dropped[0]) > 0
+    assert (scores[1].context_tokens_dropped, scores[1].response_tokens_dropped) == (0, 0)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from tiny import pairwise_samples, tiny_backbone, user
+from tiny import pairwise_samples, tiny_backbone
 
-from dmoerm.training.features import TrunkCache, context_features
+from dmoerm.training.features import TrunkCache
 from dmoerm.training.phases import human_groups
 
 
@@ -36,11 +36,3 @@ def test_human_groups_carry_better_first_pairs():
     assert [g.pairs for g in groups] == [[(0, 1)], [(1, 0)]]
     assert groups[1].rows == [cache.row(samples[1].context, r) for r in samples[1].responses]
 
-
-def test_context_features_are_mean_pooled_trunk_states_in_input_order():
-    bb = tiny_backbone("bert")
-    contexts = [user("a much longer context than the others, with many words"), user("hi"), user("medium one")]
-    feats = context_features(bb, contexts, batch_size=2)
-    for i, c in enumerate(contexts):
-        enc = bb.encode([c], [None])
-        torch.testing.assert_close(feats[i], bb.trunk(enc)[0].mean(0), atol=1e-5, rtol=0)

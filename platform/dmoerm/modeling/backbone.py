@@ -6,12 +6,16 @@ shared by the router, every category and every capability expert, so it runs onc
 the LoRA experts (phase 2). The split works for any HF backbone without per-architecture code: a forward
 pre-hook on the first top block captures the exact hidden states and the layer arguments (attention
 mask, rotary embeddings, ...) that the model itself prepares, and stops the forward there.
+
+Rows are tokenized once (``tokenize``: ids plus what truncation dropped), bucketed by real token length
+(``length_batches``, optionally capped by padded tokens per batch) and padded per batch (``pad``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +35,10 @@ MINILM_ALIAS = "minilm"
 
 
 class _StopForward(Exception):
+    pass
+
+
+class _StructureMismatch(Exception):
     pass
 
 
@@ -80,11 +88,46 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
 
 
 @dataclass
+class TokenRow:
+    """One tokenized row before padding: ``head + context + mid + response + tail``."""
+
+    ids: list[int]
+    context_end: int
+    """Position just past the (kept) context: the row's first ``context_end`` tokens are head + context."""
+    context_dropped: int
+    """Context tokens cut from the context's start to fit ``max_length`` (or ``max_context_tokens``)."""
+    response_dropped: int
+    """Response tokens cut from the response's end to fit ``max_length``."""
+
+
+@dataclass
 class Encoded:
-    """A right-padded batch of token ids."""
+    """A right-padded batch of token ids, with what truncation dropped from each row."""
 
     input_ids: torch.Tensor  # (N, T)
     attention_mask: torch.Tensor  # (N, T)
+    context_ends: torch.Tensor  # (N,) head + kept context tokens at the start of each row
+    context_dropped: torch.Tensor  # (N,) context tokens cut from the context's start
+    response_dropped: torch.Tensor  # (N,) response tokens cut from the response's end
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int | None = None) -> list[list[int]]:
+    """Row indices sorted by length and cut into batches of at most ``batch_size`` rows and, when
+    ``max_batch_tokens`` is set, at most that many padded tokens (rows x the longest row); a row longer
+    than the cap goes alone. The one length-bucketing helper of scoring and feature computation."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_batch_tokens is not None and max_batch_tokens < 1:
+        raise ValueError(f"max_batch_tokens must be >= 1 (or None), got {max_batch_tokens}")
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        b = batches[-1] if batches else None
+        # ascending order: the new row is the batch's longest
+        if b and len(b) < batch_size and (max_batch_tokens is None or (len(b) + 1) * lengths[i] <= max_batch_tokens):
+            b.append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 def render_context(context: list[Turn]) -> str:
@@ -117,76 +160,152 @@ class Backbone(nn.Module):
         model.requires_grad_(False)
 
     # ---- tokenization -------------------------------------------------------------------------
-    def encode(self, contexts: list[list[Turn]], responses: list[str | None]) -> Encoded:
+    def special_ids(self) -> tuple[list[int], list[int], list[int]]:
+        """(head, mid, tail) ids around context and response: [CLS] c [SEP] r [SEP], or <bos> c r <eos>."""
+        tok = self.tokenizer
+        if self.is_encoder:
+            return [tok.cls_token_id], [tok.sep_token_id], [tok.sep_token_id]
+        return ([tok.bos_token_id] if tok.bos_token_id is not None else [], [],
+                [tok.eos_token_id] if tok.eos_token_id is not None else [])
+
+    def tokenize(self, contexts: Sequence[Sequence[Turn]], responses: Sequence[str | None], *,
+                 max_context_tokens: int | None = None, context_tail: bool = True) -> list[TokenRow]:
         """Tokenize (context, response) rows; ``None`` responses encode the context alone (router input).
 
         Truncation keeps the end of the context (the latest turns) and the start of the response, with at
-        least a quarter of the budget for the context.
+        least a quarter of the budget for the context. Context-alone rows keep at most the last
+        ``max_context_tokens`` context tokens and end with the tail token unless ``context_tail`` is False.
+        Each distinct context is tokenized once.
         """
         tok = self.tokenizer
-        ctx_texts = [render_context(c) for c in contexts]
-        ctx_ids = tok(ctx_texts, add_special_tokens=False, verbose=False)["input_ids"]
+        texts = [render_context(list(c)) for c in contexts]
+        distinct = list(dict.fromkeys(texts))
+        by_text = dict(zip(distinct, tok(distinct, add_special_tokens=False, verbose=False)["input_ids"]))
         resp_ids = tok([r or "" for r in responses], add_special_tokens=False, verbose=False)["input_ids"]
-        if self.is_encoder:
-            head, mid, tail = [tok.cls_token_id], [tok.sep_token_id], [tok.sep_token_id]
-        else:
-            head = [tok.bos_token_id] if tok.bos_token_id is not None else []
-            mid, tail = [], [tok.eos_token_id] if tok.eos_token_id is not None else []
+        head, mid, tail = self.special_ids()
         rows = []
-        for c, r, resp in zip(ctx_ids, resp_ids, responses):
+        for text, r, resp in zip(texts, resp_ids, responses):
+            c = by_text[text]
             if resp is None:
-                budget = self.max_length - len(head) - len(tail)
-                rows.append(head + c[-budget:] + tail)
+                end = tail if context_tail else []
+                keep = self.max_length - len(head) - len(end)
+                keep = min(keep, max_context_tokens) if max_context_tokens is not None else keep
+                kept = c[max(len(c) - keep, 0):]
+                rows.append(TokenRow(head + kept + end, len(head) + len(kept), len(c) - len(kept), 0))
                 continue
             budget = self.max_length - len(head) - len(mid) - len(tail)
-            r = r[: max(budget - min(len(c), budget // 4), 0)]
-            c = c[len(c) - (budget - len(r)):] if len(c) > budget - len(r) else c
-            rows.append(head + c + mid + r + tail)
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
+            kept_r = r[: max(budget - min(len(c), budget // 4), 0)]
+            kept = c[max(len(c) - (budget - len(kept_r)), 0):]
+            rows.append(TokenRow(head + kept + mid + kept_r + tail, len(head) + len(kept), len(c) - len(kept),
+                                 len(r) - len(kept_r)))
+        return rows
+
+    def pad(self, rows: Sequence[TokenRow]) -> Encoded:
+        """Right-pad tokenized rows into one batch."""
+        width = max(len(r.ids) for r in rows)
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)  # (N, T)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)  # (N, T)
         for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, : len(r)] = 1
-        return Encoded(ids, mask)
+            ids[i, : len(r.ids)] = torch.tensor(r.ids, dtype=torch.long)
+            mask[i, : len(r.ids)] = 1
+
+        def counts(name: str) -> torch.Tensor:
+            return torch.tensor([getattr(r, name) for r in rows], dtype=torch.long)  # (N,)
+
+        return Encoded(ids, mask, counts("context_end"), counts("context_dropped"), counts("response_dropped"))
+
+    def encode(self, contexts: Sequence[Sequence[Turn]], responses: Sequence[str | None]) -> Encoded:
+        """``tokenize`` then ``pad``: one padded batch of (context, response) rows."""
+        return self.pad(self.tokenize(contexts, responses))
 
     # ---- the split ----------------------------------------------------------------------------
     @property
     def layers(self) -> nn.ModuleList:
         return self.model.get_submodule(self.layers_name)
 
-    def _capture(self, layer_index: int, input_ids: torch.Tensor, attention_mask: torch.Tensor
-                 ) -> tuple[tuple, dict]:
+    def _capture(self, layer_index: int, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 record: Sequence[int] = ()) -> tuple[tuple, dict, dict[int, torch.Tensor]]:
+        """Run the model up to block ``layer_index``: that block's (args, kwargs), and the hidden states
+        entering each block listed in ``record`` (all <= ``layer_index``)."""
         captured: dict[str, Any] = {}
+        states: dict[int, torch.Tensor] = {}
 
-        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        def stop(_module: nn.Module, args: tuple, kwargs: dict) -> None:
             captured["args"], captured["kwargs"] = args, kwargs
             raise _StopForward
 
-        handle = self.layers[layer_index].register_forward_pre_hook(hook, with_kwargs=True)
+        def keep(index: int):
+            return lambda _module, args, _kwargs: states.__setitem__(index, args[0])
+
+        handles = [self.layers[d].register_forward_pre_hook(keep(d), with_kwargs=True)
+                   for d in sorted(set(record)) if d != layer_index]
+        handles.append(self.layers[layer_index].register_forward_pre_hook(stop, with_kwargs=True))
         try:
             self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         except _StopForward:
             pass
         finally:
-            handle.remove()
-        return captured["args"], captured["kwargs"]
+            for h in handles:
+                h.remove()
+        states[layer_index] = captured["args"][0]
+        return captured["args"], captured["kwargs"], states
+
+    @torch.no_grad()
+    def block_inputs(self, enc: Encoded, depths: Sequence[int]) -> list[torch.Tensor]:
+        """The (N, T, H) hidden states entering block ``d`` (0 = the embeddings' output) for each ``d`` in
+        ``depths``, from ONE forward that stops at the deepest."""
+        for d in depths:
+            if not 0 <= d < self.num_layers:
+                raise ValueError(f"block index {d} is outside [0, {self.num_layers - 1}]")
+        _, _, states = self._capture(max(depths), enc.input_ids, enc.attention_mask, record=depths)
+        return [states[d] for d in depths]
 
     @torch.no_grad()
     def trunk(self, enc: Encoded) -> torch.Tensor:
         """(N, T) ids -> (N, T, H) hidden states entering the first top block."""
-        args, _ = self._capture(self.split, enc.input_ids, enc.attention_mask)
-        return args[0]
+        return self.block_inputs(enc, [self.split])[0]
+
+    def _block_args(self, attention_mask: torch.Tensor) -> tuple[tuple, dict]:
+        args, kwargs, _ = self._capture(0, torch.zeros_like(attention_mask), attention_mask)
+        return args[1:], kwargs
 
     @torch.no_grad()
-    def layer_inputs(self, attention_mask: torch.Tensor) -> tuple[tuple, dict]:
-        """The extra positional and keyword arguments the model passes to every block for this mask.
+    def layer_inputs(self, attention_mask: torch.Tensor, repeat: int = 1) -> tuple[tuple, dict]:
+        """The extra positional and keyword arguments the model passes to every block for the mask
+        ``attention_mask.repeat(repeat, 1)``.
 
-        Costs an embedding lookup: the forward stops at the first block.
+        Costs an embedding lookup over the (B, T) mask given: the forward stops at the first block. With
+        ``repeat`` > 1 (K experts on B rows) the arguments are built for the B rows and the tensors that
+        carry the batch dimension are repeated. Which ones do is read off a second run on B + 1 rows (the
+        same padding, so the model builds the same kinds of arguments): a tensor whose first dimension
+        follows the row count carries it. No per-architecture code, and the result is the K*B-row one.
         """
-        ids = torch.zeros_like(attention_mask)
-        args, kwargs = self._capture(0, ids, attention_mask)
-        return args[1:], kwargs
+        args, kwargs = self._block_args(attention_mask)
+        if repeat == 1:
+            return args, kwargs
+        b = attention_mask.size(0)
+        probe_args, probe_kwargs = self._block_args(torch.cat([attention_mask, attention_mask[:1]]))  # B + 1 rows
+
+        def expand(x: Any, probe: Any) -> Any:
+            if isinstance(x, torch.Tensor) != isinstance(probe, torch.Tensor):
+                raise _StructureMismatch
+            if isinstance(x, torch.Tensor):
+                if x.dim() == 0 or x.size(0) == probe.size(0):
+                    return x  # shared by all rows (rotary tables, cache positions, ...)
+                if (x.size(0), probe.size(0)) != (b, b + 1):
+                    raise _StructureMismatch
+                return x.repeat(repeat, *[1] * (x.dim() - 1))  # (B, ...) -> (K*B, ...), row k*B + i = row i
+            if isinstance(x, (tuple, list)):
+                if not isinstance(probe, (tuple, list)) or len(x) != len(probe):
+                    raise _StructureMismatch
+                return type(x)(expand(a, p) for a, p in zip(x, probe))
+            return x
+
+        try:
+            return (expand(args, probe_args),
+                    {k: expand(v, probe_kwargs.get(k)) for k, v in kwargs.items()})
+        except _StructureMismatch:  # a model whose arguments change kind with the row count
+            return self._block_args(attention_mask.repeat(repeat, 1))
 
     def top_modules(self) -> tuple[list[nn.Module], nn.Module]:
         """The top blocks and the final norm (identity for post-norm encoders)."""

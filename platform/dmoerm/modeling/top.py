@@ -111,7 +111,7 @@ def run_experts(experts: nn.Module, capabilities: list[str], backbone: Backbone,
     k, b = len(capabilities), hidden.size(0)
     h = hidden.repeat(k, 1, 1)  # (K*B, T, H): row k*B + i is expert k on input i
     m = attention_mask.repeat(k, 1)  # (K*B, T)
-    args, kwargs = backbone.layer_inputs(m)
+    args, kwargs = backbone.layer_inputs(attention_mask, repeat=k)  # built for B rows, repeated to K*B
     names = [c for c in capabilities for _ in range(b)]
     pooled, scores = experts(h, m, args, kwargs, adapter_names=names)  # (K*B, H), (K*B,)
     pooled = pooled.view(k, b, -1).transpose(0, 1)  # (B, K, H)

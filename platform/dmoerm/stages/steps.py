@@ -89,7 +89,9 @@ def route_step(cfg: PipelineConfig, store: StageStore, data_key: str, log_metric
 
 
 def load_router(cfg: PipelineConfig, store: StageStore, route_key: str) -> RouterHead:
-    head = RouterHead(backbone_for(cfg).hidden_size, [c.name for c in cfg.taxonomy], width=cfg.router.width)
+    bb = backbone_for(cfg)
+    head = RouterHead(bb.hidden_size, [c.name for c in cfg.taxonomy], width=cfg.router.width,
+                      inputs=cfg.router.resolve(bb))
     head.load_state_dict(load_file(str(store.path("route", route_key, "router.safetensors"))))
     return head.eval()
 

@@ -1,7 +1,8 @@
 """Frozen-trunk features, computed once and shared by every phase, expert and category.
 
 ``TrunkCache`` holds the trunk hidden states of each distinct (context, response) row, unpadded, so a
-training batch is a padded stack of cached tensors and only the top blocks run per step.
+training batch is a padded stack of cached tensors and only the top blocks run per step. The router's
+context features are ``dmoerm.modeling.router.context_features`` (the same function scoring uses).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dmoerm.data.records import Sample, Turn
-from dmoerm.modeling.backbone import Backbone, pool
+from dmoerm.modeling.backbone import Backbone, length_batches
 
 logger = logging.getLogger(__name__)
 
@@ -23,10 +24,6 @@ logger = logging.getLogger(__name__)
 def row_key(context: Sequence[Turn], response: str | None) -> str:
     blob = json.dumps([[[t.role, t.content] for t in context], response], ensure_ascii=False)
     return hashlib.sha1(blob.encode("utf-8")).hexdigest()
-
-
-def _length_order(texts: list[int]) -> list[int]:
-    return sorted(range(len(texts)), key=lambda i: texts[i])
 
 
 class TrunkCache:
@@ -52,20 +49,19 @@ class TrunkCache:
         if not todo:
             return
         keys = list(todo)
-        order = _length_order([sum(len(t.content) for t in todo[k][0]) + len(todo[k][1]) for k in keys])
+        tokens = self.backbone.tokenize([todo[k][0] for k in keys], [todo[k][1] for k in keys])
         start = len(self.rows)
         self.rows.extend([torch.empty(0)] * len(keys))
         for j, k in enumerate(keys):
             self.index[k] = start + j
         bar = tqdm(total=len(keys), desc="trunk features", unit="row", disable=not progress, leave=False)
-        for b in range(0, len(order), self.batch_size):
-            chunk = [keys[i] for i in order[b: b + self.batch_size]]
-            enc = self.backbone.encode([list(todo[k][0]) for k in chunk], [todo[k][1] for k in chunk])
+        for batch in length_batches([len(t.ids) for t in tokens], self.batch_size):
+            enc = self.backbone.pad([tokens[j] for j in batch])
             hidden = self.backbone.trunk(enc)  # (B, T, H)
-            for i, k in enumerate(chunk):
-                n = int(enc.attention_mask[i].sum())
-                self.rows[self.index[k]] = hidden[i, :n].to(self.dtype).clone()  # (T_i, H)
-            bar.update(len(chunk))
+            for i, j in enumerate(batch):
+                n = len(tokens[j].ids)
+                self.rows[start + j] = hidden[i, :n].to(self.dtype).clone()  # (T_i, H)
+            bar.update(len(batch))
         bar.close()
 
     def row(self, context: Sequence[Turn], response: str) -> int:
@@ -85,22 +81,6 @@ class TrunkCache:
             hidden[i, : t.size(0)] = t.float()
             mask[i, : t.size(0)] = 1
         return hidden, mask
-
-
-@torch.no_grad()
-def context_features(backbone: Backbone, contexts: list[list[Turn]], batch_size: int = 32,
-                     progress: bool = False) -> torch.Tensor:
-    """Router input: mean-pooled trunk states of each context alone. (N,) contexts -> (N, H)."""
-    out = torch.zeros(len(contexts), backbone.hidden_size)
-    order = _length_order([sum(len(t.content) for t in c) for c in contexts])
-    bar = tqdm(total=len(contexts), desc="context features", unit="ctx", disable=not progress, leave=False)
-    for b in range(0, len(order), batch_size):
-        idx = order[b: b + batch_size]
-        enc = backbone.encode([contexts[i] for i in idx], [None] * len(idx))
-        out[idx] = pool(backbone.trunk(enc), enc.attention_mask, "mean")  # (B, H)
-        bar.update(len(idx))
-    bar.close()
-    return out
 
 
 def save_trunk_cache(cache: TrunkCache, path: str, dtype: torch.dtype = torch.float16) -> None:

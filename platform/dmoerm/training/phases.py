@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 
 from dmoerm.data.records import Sample
 from dmoerm.modeling.aggregator import Aggregator, AggregatorSpec
-from dmoerm.modeling.backbone import Backbone
-from dmoerm.modeling.router import RouterHead
+from dmoerm.modeling.backbone import Backbone, length_batches
+from dmoerm.modeling.router import RouterHead, RouterInput
 from dmoerm.modeling.top import TopStack, owned_by, run_experts
 from dmoerm.training.features import TrunkCache
 from dmoerm.training.loop import FitResult, Group, TrainSettings, fit_pairwise
@@ -87,10 +87,8 @@ def expert_features(experts: nn.Module, capabilities: list[str], backbone: Backb
     """Frozen experts' pooled hidden states for ``rows``, computed once: (len(rows), K, H)."""
     experts.eval()
     out = torch.zeros(len(rows), len(capabilities), backbone.hidden_size)
-    order = sorted(range(len(rows)), key=lambda i: cache.rows[rows[i]].size(0))
     bar = tqdm(total=len(rows), desc="expert features", unit="row", disable=not progress, leave=False)
-    for b in range(0, len(order), batch_size):
-        idx = order[b: b + batch_size]
+    for idx in length_batches([cache.rows[r].size(0) for r in rows], batch_size):
         hidden, mask = cache.collate([rows[i] for i in idx])
         out[idx] = run_experts(experts, capabilities, backbone, hidden, mask).pooled  # (B, K, H)
         bar.update(len(idx))
@@ -128,10 +126,12 @@ def train_aggregator(features: torch.Tensor, train: Sequence[Group], val: Sequen
 
 def train_router(features: torch.Tensor, labels: torch.Tensor, val_features: torch.Tensor,
                  val_labels: torch.Tensor, categories: list[str], settings: TrainSettings, *, width: int = 0,
-                 seed: int = 0, log_metric: MetricFn | None = None) -> tuple[RouterHead, dict]:
-    """Cross-entropy on logits over categories; early stopping on validation accuracy."""
+                 seed: int = 0, log_metric: MetricFn | None = None, inputs: RouterInput | None = None
+                 ) -> tuple[RouterHead, dict]:
+    """Cross-entropy on logits over categories; early stopping on validation accuracy. ``features`` are
+    ``context_features`` computed with ``inputs``, which the head records (it scores with the same)."""
     torch.manual_seed(seed)
-    head = RouterHead(features.size(1), categories, width=width)
+    head = RouterHead(features.size(1), categories, width=width, inputs=inputs)
     if len(categories) == 1:
         return head.eval(), {"router_val_accuracy": 1.0}
     opt = torch.optim.AdamW(head.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
