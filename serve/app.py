@@ -57,6 +57,9 @@ class AppArgs(BaseModel):
     scorer_batch_size: int = Field(32, ge=1, description="Rows per forward inside a batch")
     reload_interval_s: float = Field(30.0, ge=0, description="Registry alias poll period (0: never)")
     torch_threads: int | None = Field(None, ge=1, description="torch threads per replica (default: its CPUs)")
+    categories_per_replica: int | None = Field(
+        None, ge=1, description="Multiplex categories over pool replicas (@serve.multiplexed): each replica keeps "
+                                "the base once and at most this many categories' experts; None: all resident")
 
 
 @dataclass
@@ -67,6 +70,7 @@ class ScoreRequest:
     tokens: int
     routed_version: str | None = None
     overrides: list[bool] = field(default_factory=list)
+    category: str | None = None  # multiplexed pools: every row is of this category
 
 
 @dataclass
@@ -96,8 +100,7 @@ class _ModelHolder:
         _threads(args)
         self.args = args
         self.tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-        self.served = ServedModel.load(args.model, self.tracking_uri, base=args.base,
-                                       batch_size=args.scorer_batch_size)
+        self.served = self._load(None)
         self.served.probe()
         if args.model.startswith("models:/") and "@" in args.model and args.reload_interval_s > 0:
             threading.Thread(target=self._poll, name="dmoerm-reload", daemon=True).start()
@@ -118,19 +121,26 @@ class _ModelHolder:
         if version == self.served.version:
             return False
         logger.info("%s moved to version %s: loading it", self.args.model, version)
-        new = ServedModel.load(self.args.model, self.tracking_uri, version, self.args.base,
-                               self.args.scorer_batch_size)
+        new = self._load(version)
         new.probe()
         self.served = new  # batches in flight hold the old object and finish on it
         logger.info("now serving %s version %s", new.name, new.version)
         return True
+
+    def _load(self, version: str | None) -> ServedModel:
+        return ServedModel.load(self.args.model, self.tracking_uri, version, self.args.base,
+                                self.args.scorer_batch_size, categories=self._resident_categories())
+
+    def _resident_categories(self) -> list[str] | None:
+        return None  # every category
 
     async def check_health(self) -> None:
         """A real forward pass: a replica stuck in a forward (the lock is held) fails this by timing out."""
         await asyncio.to_thread(self.served.probe)
 
     def info(self) -> dict:
-        return self.served.info() | {"routes_in_pool": bool(getattr(self.served.model, "routes_from_rows", False))}
+        return self.served.info() | {"routes_in_pool": bool(getattr(self.served.model, "routes_from_rows", False)),
+                                     "multiplexed": self.args.categories_per_replica is not None}
 
 
 @serve.deployment(name="Router", max_ongoing_requests=256, health_check_period_s=10, health_check_timeout_s=30)
@@ -172,6 +182,35 @@ class AdapterPool(_ModelHolder):
     def batch_stats(self) -> dict:
         return dict(self.stats)
 
+    def _resident_categories(self) -> list[str] | None:
+        """Multiplexed: the replica's own model holds one category (its probe and base); others load on demand."""
+        if self.args.categories_per_replica is None:
+            return None
+        from dmoerm.bundle import read_meta
+        from dmoerm.serving.source import resolve_model
+
+        ref = resolve_model(self.args.model, self.tracking_uri)
+        return [read_meta(ref.path)["taxonomy"][0]["name"]]
+
+    @serve.multiplexed(max_num_models_per_replica=2)
+    async def category_model(self, category: str) -> ServedModel:
+        """One category's experts on this replica's base (LRU over ``categories_per_replica`` categories)."""
+        served = self.served
+        if category in served.loaded_categories:
+            return served
+        return await asyncio.to_thread(served.with_category, category)
+
+    async def _served_for(self, served: ServedModel, category: str | None) -> ServedModel:
+        if self.args.categories_per_replica is None or category is None:
+            return served
+        model = await self.category_model(category)
+        wrapper = getattr(self, "__serve_multiplex_wrapper", None)  # Serve's LRU: give it the configured size
+        if wrapper is not None:
+            wrapper.max_num_models_per_replica = self.args.categories_per_replica
+        if model.version != served.version:  # cached before a reload: load this version's experts instead
+            model = await asyncio.to_thread(served.with_category, category)
+        return model
+
     def _prepare(self, served: ServedModel, item: ScoreRequest) -> tuple[list[Row], bool, tuple | None]:
         """The item's rows for ``served``: re-routed when another version routed them; a forced category this
         version lacks is a client error for that item alone."""
@@ -187,6 +226,17 @@ class AdapterPool(_ModelHolder):
     @serve.batch(max_batch_size=16384, batch_wait_timeout_s=0.005, batch_size_fn=_batch_tokens)
     async def score(self, items: list[ScoreRequest]) -> list[ScoreResult]:
         served = self.served  # this batch finishes on this version even if a reload swaps it
+        out: list[ScoreResult | None] = [None] * len(items)
+        groups: dict[str | None, list[int]] = {}
+        for i, it in enumerate(items):
+            groups.setdefault(it.category if self.args.categories_per_replica else None, []).append(i)
+        for category, idx in groups.items():
+            model = await self._served_for(served, category)
+            for i, res in zip(idx, await self._score_group(model, [items[i] for i in idx])):
+                out[i] = res
+        return out  # type: ignore[return-value]
+
+    async def _score_group(self, served: ServedModel, items: list[ScoreRequest]) -> list[ScoreResult]:
         prepared = [self._prepare(served, it) for it in items]
         flat = [r for rows, _, err in prepared if err is None for r in rows]
         self.batch_rows.observe(len(flat))
@@ -353,16 +403,14 @@ class Ingress:
         """Route (once per conversation, unless forced or single-category), then score every row in one pool call."""
         todo = [c for c in convs if c.category is None]
         routed_version = None
-        if todo and len(info["categories"]) > 1 and not info.get("routes_in_pool"):
+        if todo and len(info["categories"]) > 1 and (info.get("multiplexed") or not info.get("routes_in_pool")):
             routes, routed_version = await self._call(self.router.route, [c.context for c in todo])
             for c, r in zip(todo, routes):
                 c.routed = r
                 self.routed.inc(tags={"category": r[0]})
         rows = [r for c in convs for r in c.rows()]
         overrides = [c.category is not None for c in convs for _ in c.responses]
-        req = ScoreRequest(rows, min(self.args.max_batch_tokens, _estimate_tokens(rows, info["max_length"])),
-                           routed_version, overrides)
-        result: ScoreResult = await self._call(self.pool.score, req)
+        result = await self._score_rows(rows, overrides, routed_version, info)
         if result.error is not None:
             raise api.RequestError(*result.error)
         if result.version != info["version"]:
@@ -373,6 +421,33 @@ class Ingress:
                 for s in scores:
                     s.category_prob = c.routed[1]
         return per_conv, result.name, result.version
+
+    async def _score_rows(self, rows: list[Row], overrides: list[bool], routed_version: str | None,
+                          info: dict) -> ScoreResult:
+        """One pool call; multiplexed pools get one call per category (each to a replica holding it)."""
+        def request(idx: list[int], category: str | None) -> ScoreRequest:
+            part = [rows[i] for i in idx]
+            return ScoreRequest(part, min(self.args.max_batch_tokens, _estimate_tokens(part, info["max_length"])),
+                                routed_version, [overrides[i] for i in idx], category)
+
+        if not info.get("multiplexed"):
+            return await self._call(self.pool.score, request(list(range(len(rows))), None))
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(rows):
+            groups.setdefault(r.category or next(iter(info["categories"])), []).append(i)
+        results = await asyncio.gather(*(self._call(self.pool.options(multiplexed_model_id=cat).score,
+                                                    request(idx, cat)) for cat, idx in groups.items()))
+        failed = next((r for r in results if r.error is not None), None)
+        if failed is not None:
+            return failed
+        if len({r.version for r in results}) > 1:  # a reload landed between the groups: score them again
+            return await self._score_rows(rows, overrides, routed_version, info)
+        scores: list[RowScore | None] = [None] * len(rows)
+        for (_, idx), res in zip(groups.items(), results):
+            for i, sc in zip(idx, res.scores):
+                scores[i] = sc
+        return ScoreResult(scores, results[0].name, results[0].version,  # type: ignore[arg-type]
+                           any(r.rerouted for r in results))
 
     async def _call(self, method, arg):
         """A deployment call, retried once when its replica died mid-request (the next one takes it)."""

@@ -138,3 +138,21 @@ def test_bundles_without_router_inputs_route_from_the_whole_trunk_as_before(tiny
         torch.testing.assert_close(loaded.model.route(CONTEXTS)[2], model.router(feats).softmax(-1), atol=1e-6,
                                    rtol=0)
     _assert_same_scores(model, loaded.model)
+
+
+def test_a_category_subset_shares_the_base_and_scores_like_the_whole_bundle(tiny_bundle):
+    from tiny import user
+
+    from dmoerm.bundle import load_bundle
+
+    path, _, _ = tiny_bundle
+    whole = load_bundle(path)
+    qa = load_bundle(path, categories=["qa"], backbone=whole.model.backbone)
+    assert list(qa.model.categories) == ["qa"] and qa.baseline is None
+    assert qa.model.backbone is whole.model.backbone
+    ctx, resp = [user("what is 2+2?"), user("a cat?")], ["4", "a small feline"]
+    got = qa.model.score(ctx, resp, ["qa", "qa"])
+    want = whole.model.score(ctx, resp, ["qa", "qa"])
+    assert [g.reward for g in got] == pytest.approx([w.reward for w in want], abs=1e-6)
+    with pytest.raises(ValueError, match="not in this bundle"):
+        load_bundle(path, categories=["cooking"], backbone=whole.model.backbone)

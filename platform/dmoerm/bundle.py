@@ -120,10 +120,15 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 def load_bundle(path: str | Path, *, base: str | None = None, batch_size: int = 32,
                 max_batch_tokens: int | None = None, backbone: Backbone | None = None,
-                trust_remote_code: bool = False, check_fingerprint: bool = True) -> LoadedBundle:
+                trust_remote_code: bool = False, check_fingerprint: bool = True,
+                categories: list[str] | None = None) -> LoadedBundle:
     """Load a bundle from a folder or an ``s3://`` prefix. ``base`` overrides where the base weights are
     read from (the same weights: their fingerprint is checked). ``batch_size`` and ``max_batch_tokens``
-    bound the scorers' batches (rows, and padded tokens)."""
+    bound the scorers' batches (rows, and padded tokens).
+
+    ``categories`` loads only those categories' experts and aggregators (a serving replica that holds a
+    few categories on a shared ``backbone``); such a model scores rows whose category is given, and has no
+    trained router (nor the baseline) unless every category is loaded."""
     from dmoerm import storage
 
     src = str(path)
@@ -144,20 +149,29 @@ def load_bundle(path: str | Path, *, base: str | None = None, batch_size: int = 
     lora = LoraSettings(**meta["lora"])
     spec = AggregatorSpec(**meta["aggregator"])
     names = [c["name"] for c in meta["taxonomy"]]
-    router = RouterHead(backbone.hidden_size, names, width=meta["router"]["width"],
+    subset = categories is not None and list(categories) != names
+    if categories is not None:
+        unknown = sorted(set(categories) - set(names))
+        if unknown or not categories:
+            raise ValueError(f"{local}: categories {unknown or categories} not in this bundle's {names}")
+    keep = [n for n in names if not subset or n in categories]
+    router = RouterHead(backbone.hidden_size, keep, width=meta["router"]["width"],
                         inputs=router_inputs_of(meta["router"]))
-    router.load_state_dict(load_file(str(local / "router.safetensors")))
-    categories = {}
+    if not subset:
+        router.load_state_dict(load_file(str(local / "router.safetensors")))
+    loaded = {}
     for c in meta["taxonomy"]:
+        if c["name"] not in keep:
+            continue
         experts = attach_experts(TopStack(backbone), c["capabilities"], lora)
         experts.load_state_dict(load_file(str(local / "categories" / c["name"] / "experts.safetensors")))
         agg = Aggregator(len(c["capabilities"]), backbone.hidden_size,
                          AggregatorSpec(**c["aggregator"]) if "aggregator" in c else spec)
         agg.load_state_dict(load_file(str(local / "categories" / c["name"] / "aggregator.safetensors")))
-        categories[c["name"]] = CategoryModel(c["name"], list(c["capabilities"]), experts, agg)
-    model = RewardModel(backbone, router, categories, batch_size=batch_size, max_batch_tokens=max_batch_tokens)
+        loaded[c["name"]] = CategoryModel(c["name"], list(c["capabilities"]), experts, agg)
+    model = RewardModel(backbone, router, loaded, batch_size=batch_size, max_batch_tokens=max_batch_tokens)
     baseline = None
-    if meta.get("baseline"):
+    if meta.get("baseline") and not subset:
         top = TopStack(backbone)
         top.load_state_dict(load_file(str(local / "baseline.safetensors")))
         baseline = SingleRewardModel(backbone, top, batch_size=batch_size, max_batch_tokens=max_batch_tokens)

@@ -98,17 +98,30 @@ class ServedModel:
     version: str
     uri: str
     bundle: object  # dmoerm.bundle.LoadedBundle
+    path: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def load(cls, uri: str, tracking_uri: str | None = None, version: str | None = None, base: str | None = None,
-             batch_size: int = 32) -> ServedModel:
+             batch_size: int = 32, categories: list[str] | None = None) -> ServedModel:
+        """Resolve and load ``uri``; ``categories`` loads only those categories' experts (None: all)."""
         from dmoerm.bundle import load_bundle
         from dmoerm.serving.source import resolve_model
 
         ref = resolve_model(uri, tracking_uri, version)
-        loaded = load_bundle(ref.path, base=base, batch_size=batch_size)
-        return cls(ref.name, ref.version, uri, loaded)
+        loaded = load_bundle(ref.path, base=base, batch_size=batch_size, categories=categories)
+        return cls(ref.name, ref.version, uri, loaded, ref.path)
+
+    def with_category(self, category: str) -> ServedModel:
+        """The same version with ``category``'s experts on this model's base (loaded once, shared)."""
+        from dmoerm.bundle import load_bundle
+
+        if category not in self.categories:
+            raise ValueError(f"unknown category {category!r}; this model has {sorted(self.categories)}")
+        model = self.model
+        loaded = load_bundle(self.path, backbone=model.backbone, batch_size=model.batch_size,
+                             categories=[category], check_fingerprint=False)
+        return ServedModel(self.name, self.version, self.uri, loaded, self.path)
 
     @property
     def model(self):
@@ -116,7 +129,12 @@ class ServedModel:
 
     @property
     def categories(self) -> dict[str, list[str]]:
-        return {n: list(c.capabilities) for n, c in self.model.categories.items()}
+        """Every category of the bundle (loaded here or not) and its capabilities."""
+        return {c["name"]: list(c["capabilities"]) for c in self.bundle.meta["taxonomy"]}  # type: ignore[attr-defined]
+
+    @property
+    def loaded_categories(self) -> list[str]:
+        return list(self.model.categories)
 
     @property
     def max_length(self) -> int:
@@ -124,8 +142,8 @@ class ServedModel:
 
     def route(self, contexts: list[list[Turn]]) -> list[tuple[str, float]]:
         """(category, probability) per context; one category needs no routing."""
-        if len(self.model.categories) == 1:
-            return [(next(iter(self.model.categories)), 1.0)] * len(contexts)
+        if len(self.categories) == 1:
+            return [(next(iter(self.categories)), 1.0)] * len(contexts)
         with self.lock:
             names, probs, _ = self.model.route(contexts)
         return list(zip(names, probs))
@@ -143,7 +161,9 @@ class ServedModel:
 
     def probe(self) -> float:
         """A real forward pass on a fixed row (the health check): its reward, which must be finite."""
-        reward = self.score_rows([Row([Turn("user", "health check")], "ok")])[0].reward
+        complete = len(self.loaded_categories) == len(self.categories)  # then the router runs too
+        row = Row([Turn("user", "health check")], "ok", None if complete else self.loaded_categories[0])
+        reward = self.score_rows([row])[0].reward
         if not math.isfinite(reward):
             raise RuntimeError(f"health probe of {self.name} v{self.version} gave a non-finite reward {reward}")
         return reward
