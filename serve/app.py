@@ -198,6 +198,7 @@ class AdapterPool(_ModelHolder):
         served = self.served
         if category in served.loaded_categories:
             return served
+        self.stats["category_loads"] = self.stats.get("category_loads", 0) + 1
         return await asyncio.to_thread(served.with_category, category)
 
     async def _served_for(self, served: ServedModel, category: str | None) -> ServedModel:

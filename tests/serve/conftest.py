@@ -85,7 +85,7 @@ def server(tmp_path_factory, tiny_bert_dir, mlflow_server):  # noqa: F811
 
     folder = tmp_path_factory.mktemp("serve")
     uri = mlflow_server.tracking_uri
-    first = make_bundle(folder, tiny_bert_dir, seed=0)
+    first = make_bundle(folder, tiny_bert_dir, seed=0)  # registered as v1, and served from its folder by "mux"
     version = register(uri, first)
     set_champion(uri, version)
     os.environ["DMOERM_SERVE_TOKEN"] = TOKEN
@@ -105,6 +105,12 @@ def server(tmp_path_factory, tiny_bert_dir, mlflow_server):  # noqa: F811
             "Ingress": {"ray_actor_options": {"num_cpus": 0.25}},
         },
         http={"port": http_port})
+    mux = {**cfg["applications"][0], "name": "mux", "route_prefix": "/mux"}  # a second app, categories multiplexed
+    mux["args"] = {**mux["args"], "model": first, "categories_per_replica": 1}
+    mux["deployments"] = [{"name": "AdapterPool", "num_replicas": 2, "ray_actor_options": {"num_cpus": 0.25}},
+                          {"name": "Router", "ray_actor_options": {"num_cpus": 0.25}},
+                          {"name": "Ingress", "ray_actor_options": {"num_cpus": 0.25}}]
+    cfg["applications"].append(mux)
     try:
         deploy(cfg, timeout_s=240)
         srv = Server(f"http://127.0.0.1:{http_port}", TOKEN, uri, f"http://127.0.0.1:{metrics_port}/metrics")
