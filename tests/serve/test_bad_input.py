@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import LIMITS
+from serve_fixtures import LIMITS
 
 pytestmark = [pytest.mark.ray, pytest.mark.integration, pytest.mark.slow]
 OK = {"prompt": "hi", "response": "hello"}

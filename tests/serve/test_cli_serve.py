@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import REPO, make_bundle
+from serve_fixtures import REPO, make_bundle
 from services import free_port
 
 from dmoerm.data.records import Turn

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import in_process
+from serve_fixtures import in_process
 
 from dmoerm.data.records import Turn
 

@@ -9,7 +9,7 @@ import time
 
 import httpx
 import pytest
-from conftest import MODEL, in_process, make_bundle, register, set_champion
+from serve_fixtures import MODEL, in_process, make_bundle, register, set_champion
 
 from dmoerm.data.records import Turn
 

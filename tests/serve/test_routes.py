@@ -4,7 +4,7 @@ model info, health, OpenAPI, auth."""
 from __future__ import annotations
 
 import pytest
-from conftest import LIMITS, MODEL, TAXONOMY, in_process
+from serve_fixtures import LIMITS, MODEL, TAXONOMY, in_process
 
 from dmoerm.data.records import Turn
 
