@@ -56,7 +56,9 @@ class AppArgs(BaseModel):
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="How long a batch waits to fill")
     scorer_batch_size: int = Field(32, ge=1, description="Rows per forward inside a batch")
     reload_interval_s: float = Field(30.0, ge=0, description="Registry alias poll period (0: never)")
-    torch_threads: int | None = Field(None, ge=1, description="torch threads per replica (default: its CPUs)")
+    torch_threads: int | None = Field(None, ge=1, description="torch threads per pool replica (default: its CPUs)")
+    route_in_pool: bool = Field(False, description="Route inside the pool's batches instead of calling the Router "
+                                                   "deployment (one hop less; not with categories_per_replica)")
     categories_per_replica: int | None = Field(
         None, ge=1, description="Multiplex categories over pool replicas (@serve.multiplexed): each replica keeps "
                                 "the base once and at most this many categories' experts; None: all resident")
@@ -86,18 +88,20 @@ def _batch_tokens(items: list[ScoreRequest]) -> int:
     return sum(i.tokens for i in items)
 
 
-def _threads(args: AppArgs) -> None:
+def _threads(requested: int | None) -> None:
+    """torch threads: as requested, else the CPUs Ray assigned this replica (at least one)."""
+    import ray
     import torch
 
-    n = args.torch_threads or max(1, int(float(os.environ.get("OMP_NUM_THREADS", "0")) or os.cpu_count() or 1))
-    torch.set_num_threads(n)
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    torch.set_num_threads(requested or max(1, int(cpus)))
 
 
 class _ModelHolder:
     """A replica's :class:`ServedModel`, re-resolved from the registry in the background."""
 
-    def _init_model(self, args: AppArgs) -> None:
-        _threads(args)
+    def _init_model(self, args: AppArgs, threads: int | None = None) -> None:
+        _threads(threads)
         self.args = args
         self.tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         self.served = self._load(None)
@@ -139,14 +143,15 @@ class _ModelHolder:
         await asyncio.to_thread(self.served.probe)
 
     def info(self) -> dict:
-        return self.served.info() | {"routes_in_pool": bool(getattr(self.served.model, "routes_from_rows", False)),
-                                     "multiplexed": self.args.categories_per_replica is not None}
+        multiplexed = self.args.categories_per_replica is not None
+        in_pool = self.args.route_in_pool or self.served.model.router_inputs.source == "prefix"  # decoders: free
+        return self.served.info() | {"routes_in_pool": in_pool and not multiplexed, "multiplexed": multiplexed}
 
 
 @serve.deployment(name="Router", max_ongoing_requests=256, health_check_period_s=10, health_check_timeout_s=30)
 class Router(_ModelHolder):
     def __init__(self, args: dict) -> None:
-        self._init_model(AppArgs.model_validate(args))
+        self._init_model(AppArgs.model_validate(args))  # threads: its assigned CPUs
         self.route.set_max_batch_size(self.args.max_router_batch)
         self.route.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
 
@@ -168,7 +173,8 @@ class AdapterPool(_ModelHolder):
     def __init__(self, args: dict) -> None:
         from ray.serve.metrics import Histogram
 
-        self._init_model(AppArgs.model_validate(args))
+        parsed = AppArgs.model_validate(args)
+        self._init_model(parsed, parsed.torch_threads)
         self.score.set_max_batch_size(self.args.max_batch_tokens)
         self.score.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
         self.batch_rows = Histogram("dmoerm_batch_rows", description="Rows per adapter-pool batch",
@@ -180,7 +186,8 @@ class AdapterPool(_ModelHolder):
         self.stats = {"batches": 0, "max_rows": 0, "max_requests": 0, "rows": 0}
 
     def batch_stats(self) -> dict:
-        return dict(self.stats)
+        """This replica's batching figures (benchmarks and tests read them through a handle)."""
+        return dict(self.stats, replica=serve.get_replica_context().replica_id.unique_id)
 
     def _resident_categories(self) -> list[str] | None:
         """Multiplexed: the replica's own model holds one category (its probe and base); others load on demand."""
@@ -404,7 +411,7 @@ class Ingress:
         """Route (once per conversation, unless forced or single-category), then score every row in one pool call."""
         todo = [c for c in convs if c.category is None]
         routed_version = None
-        if todo and len(info["categories"]) > 1 and (info.get("multiplexed") or not info.get("routes_in_pool")):
+        if todo and len(info["categories"]) > 1 and not info["routes_in_pool"]:
             routes, routed_version = await self._call(self.router.route, [c.context for c in todo])
             for c, r in zip(todo, routes):
                 c.routed = r
