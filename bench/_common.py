@@ -17,7 +17,7 @@ from dmoerm.data.records import Sample, Turn
 from dmoerm.modeling.aggregator import Aggregator
 from dmoerm.modeling.backbone import Backbone
 from dmoerm.modeling.reward_model import CategoryModel
-from dmoerm.modeling.top import LoraSettings, TopStack, attach_experts
+from dmoerm.modeling.top import LoraConfig, TopStack, attach_experts
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "hh-rlhf-demo"
@@ -59,7 +59,7 @@ def build_category(backbone: Backbone, name: str, num_experts: int, seed: int) -
     """A category as phase 3 leaves it: a TopStack with ``num_experts`` perturbed LoRA experts + aggregator."""
     torch.manual_seed(seed)
     capabilities = CAPABILITY_NAMES[:num_experts]
-    experts = attach_experts(TopStack(backbone), capabilities, LoraSettings())
+    experts = attach_experts(TopStack(backbone), capabilities, LoraConfig())
     perturb_(experts, seed)
     return CategoryModel(name, capabilities, experts.eval(), Aggregator(num_experts, backbone.hidden_size).eval())
 

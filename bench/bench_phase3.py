@@ -31,7 +31,7 @@ from dmoerm.modeling.aggregator import Aggregator
 from dmoerm.modeling.backbone import load_backbone
 from dmoerm.modeling.top import run_experts
 from dmoerm.training.features import TrunkCache
-from dmoerm.training.loop import TrainSettings, fit_pairwise
+from dmoerm.training.loop import FitHooks, TrainConfig, fit_pairwise
 from dmoerm.training.phases import expert_features, human_groups
 
 BATCH_SIZE = 32
@@ -65,7 +65,7 @@ def main() -> None:
 
     groups = human_groups(samples, cache)
     lengths = cache.lengths()  # the same length-bucketed batches for every variant
-    settings = TrainSettings(lr=1e-3, epochs=1, batch_size=BATCH_SIZE, patience=1)
+    settings = TrainConfig(lr=1e-3, epochs=1, batch_size=BATCH_SIZE, patience=1)
     torch.manual_seed(0)
     init = Aggregator(len(caps), backbone.hidden_size)
     trained: dict[str, Aggregator] = {}
@@ -84,7 +84,7 @@ def main() -> None:
     def epoch(name: str) -> None:
         agg = copy.deepcopy(init)
         result = fit_pairwise(agg, list(agg.parameters()), lambda ids: agg(feature_fns[name](ids)), groups, [], lengths,
-                     settings, seed=0, desc=f"phase3/{name}", progress=False)
+                              settings, seed=0, desc=f"phase3/{name}", hooks=FitHooks(progress=False))
         trained[name], steps[name] = agg, result.steps
 
     cpu, wall = interleaved({n: (lambda n=n: epoch(n)) for n in feature_fns}, args.repeats)

@@ -45,8 +45,13 @@ import torch  # noqa: E402
 from _common import interleaved, median_ratio  # noqa: E402
 
 from dmoerm.config import PipelineConfig, load_config  # noqa: E402
-from dmoerm.stages import steps  # noqa: E402
+from dmoerm.stages.base import backbone_for  # noqa: E402
+from dmoerm.stages.data import data_step  # noqa: E402
+from dmoerm.stages.labels import capability_samples, label_step  # noqa: E402
+from dmoerm.stages.route import route_step  # noqa: E402
 from dmoerm.stages.store import StageStore  # noqa: E402
+from dmoerm.stages.train import ExpertInputs, expert_key, top_step, train_expert_step, trunk_step  # noqa: E402
+from dmoerm.training.loop import FitHooks, FitResult  # noqa: E402
 
 DATA = REPO / "data" / "hh-rlhf-demo"
 CATEGORIES = {"helpful": DATA / "helpful.jsonl.gz", "red_team": DATA / "harmless-base.jsonl.gz"}
@@ -82,25 +87,31 @@ def build_config(storage: Path, *, samples_per_file: int, label_samples: int, ep
     return load_config(data=raw)
 
 
-def run_upstream(cfg: PipelineConfig, store: StageStore) -> tuple[list[steps.ExpertInputs], dict[str, str]]:
+def run_upstream(cfg: PipelineConfig, store: StageStore) -> tuple[list[ExpertInputs], dict[str, str]]:
     """data -> route -> labels -> trunk -> phase 1 per category (skipped when already done)."""
-    data = steps.data_step(cfg, store)
-    route = steps.route_step(cfg, store, data)
-    labels = steps.label_step(cfg, store, route)
-    trunk = steps.trunk_step(cfg, store, route, labels)
-    tops = {c.name: steps.top_step(cfg, store, route, trunk, c.name) for c in cfg.taxonomy}
-    inputs = [steps.ExpertInputs(route, labels, trunk, tops[c.name], c.name, cap)
+    data = data_step(cfg, store)
+    route = route_step(cfg, store, data)
+    labels = label_step(cfg, store, route)
+    trunk = trunk_step(cfg, store, route, labels)
+    tops = {c.name: top_step(cfg, store, route, trunk, c.name) for c in cfg.taxonomy}
+    inputs = [ExpertInputs(route, labels, trunk, tops[c.name], c.name, cap)
               for c in cfg.taxonomy for cap in c.capabilities]
     return inputs, tops
+
+
+def train_expert_here(cfg: PipelineConfig, store: StageStore, inputs: ExpertInputs,
+                      hooks: FitHooks | None = None) -> FitResult:
+    """``train_expert_step`` in this process (it trains, then saves the expert as the pipeline does)."""
+    return train_expert_step(cfg, store, inputs, expert_key(cfg, store, inputs), hooks or FitHooks(progress=False))
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] load {os.getloadavg()[0]:.1f}: {msg}", file=sys.stderr, flush=True)
 
 
-def train_in_process(cfg: PipelineConfig, store: StageStore, inputs: steps.ExpertInputs) -> tuple[float, int]:
+def train_in_process(cfg: PipelineConfig, store: StageStore, inputs: ExpertInputs) -> tuple[float, int]:
     start = time.perf_counter()
-    _, result = steps.train_expert_step(cfg, store, inputs)
+    result = train_expert_here(cfg, store, inputs)
     return time.perf_counter() - start, result.steps
 
 
@@ -118,7 +129,7 @@ def _timed_loop(config: dict) -> None:
     store = StageStore(config["storage"], run_id="bench-timed")
     torch.set_num_threads(1)
     imported = time.time()
-    steps.backbone_for(cfg)  # lru-cached: train_expert_step reuses it
+    backbone_for(cfg)  # lru-cached: train_expert_step reuses it
     backbone = time.time()
     checkpoint_s = [0.0]
 
@@ -129,13 +140,13 @@ def _timed_loop(config: dict) -> None:
             ray.train.report({"epoch": state["epoch"]}, checkpoint=Checkpoint.from_directory(d))
         checkpoint_s[0] += time.time() - start
 
-    _, result = steps.train_expert_step(cfg, store, inputs, checkpoint=checkpoint)
+    result = train_expert_here(cfg, store, inputs, FitHooks(checkpoint=checkpoint, progress=False))
     Path(config["out"]).write_text(json.dumps({"entered": entered, "imported": imported, "backbone": backbone,
                                                "trained": time.time(), "checkpoint_s": checkpoint_s[0],
                                                "steps": result.steps}))
 
 
-def timed_fit(cfg: PipelineConfig, storage: Path, inputs: steps.ExpertInputs) -> dict[str, float]:
+def timed_fit(cfg: PipelineConfig, storage: Path, inputs: ExpertInputs) -> dict[str, float]:
     """One expert's TorchTrainer alone (1 worker x 1 CPU, checkpoint every epoch, as the pipeline does), split
     into start-up (fit() to the loop's first line), imports, backbone load, training (with its checkpoint
     reports) and teardown (the loop's end to fit() returning)."""
@@ -193,8 +204,8 @@ def main() -> None:
     inputs, _ = run_upstream(cfg, store)
     upstream_s = time.perf_counter() - start
     log(f"upstream stages {upstream_s:.1f} s")
-    labelled = {f"{i.category}/{i.capability}": len(steps.capability_samples(store, i.labels, i.category,
-                                                                              i.capability, "train"))
+    labelled = {f"{i.category}/{i.capability}": len(capability_samples(store, i.labels, i.category,
+                                                                        i.capability, "train"))
                 for i in inputs}
 
     # (a) sequential, in this process, torch at its default thread count
@@ -215,7 +226,7 @@ def main() -> None:
 
     def short_run(threads: int) -> None:
         torch.set_num_threads(threads)
-        steps.train_expert_step(short, store, inputs[0])
+        train_expert_here(short, store, inputs[0])
         torch.set_num_threads(default_threads)
 
     _, scaling = interleaved({"1": lambda: short_run(1), "default": lambda: short_run(default_threads)},
@@ -234,8 +245,9 @@ def main() -> None:
     ray_init(args.num_cpus)
     init_s = time.perf_counter() - start
     start = time.perf_counter()
-    futures = {f"{i.category}/{i.capability}": fit_expert.remote(cfg, str(storage), "bench-ray", i,
-                                                                 steps.expert_key(cfg, store, i)) for i in inputs}
+    ray_store = StageStore(str(storage), run_id="bench-ray")
+    futures = {f"{i.category}/{i.capability}": fit_expert.remote(cfg, ray_store, i, expert_key(cfg, store, i))
+               for i in inputs}
     infos = {n: ray.get(f) for n, f in futures.items()}
     ray_concurrent_s = time.perf_counter() - start
     log(f"Ray concurrent {ray_concurrent_s:.1f} s: {[info['seconds'] for info in infos.values()]}")

@@ -41,19 +41,19 @@ from collections.abc import Callable, Sequence
 import torch
 from _common import REPO, build_category, interleaved, load_rows, load_samples, median_ratio, setup
 
-from dmoerm.config import RouterSpec, load_config
+from dmoerm.config import RouterConfig, load_config
 from dmoerm.data.records import Turn
 from dmoerm.modeling.backbone import Backbone, load_backbone, pool
 from dmoerm.modeling.reward_model import CategoryModel, RewardModel, SingleRewardModel
 from dmoerm.modeling.router import RouterHead, RouterInput, context_features
-from dmoerm.modeling.top import LoraSettings, TopStack, default_target_modules
+from dmoerm.modeling.top import LoraConfig, TopStack, default_target_modules
 from dmoerm.training.phases import train_router
 
 BATCH_SIZE = 32
 FULL_TRUNK = RouterInput(source="context")  # the old router: whole trunk, whole (max_length) context
 
 
-def demo_router() -> RouterSpec:
+def demo_router() -> RouterConfig:
     """The router as configs/demo.yaml configures it ("the router" of every figure)."""
     return load_config(REPO / "configs" / "demo.yaml").router
 
@@ -67,10 +67,11 @@ class ReleasedCategory:
     expert, run expert by expert at batch size 1. Weights copied from ``cat`` so outputs must agree."""
 
     def __init__(self, backbone: Backbone, cat: CategoryModel) -> None:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
 
-        lora = LoraSettings()
-        cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
+        lora = LoraConfig()
+        cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
                          target_modules=default_target_modules(backbone.layers),
                          layers_to_transform=list(range(backbone.split, backbone.num_layers)))
         model = get_peft_model(copy.deepcopy(backbone.model), cfg, adapter_name=cat.capabilities[0])
@@ -192,7 +193,7 @@ def router_splits(num_per_file: int) -> dict[str, tuple[list, torch.Tensor]]:
     return {n: ([s.context for s in p], torch.tensor([names.index(s.category) for s in p])) for n, p in parts.items()}
 
 
-def bench_router_accuracy(max_length: int, spec: RouterSpec, num_per_file: int, sweep: bool) -> dict:
+def bench_router_accuracy(max_length: int, spec: RouterConfig, num_per_file: int, sweep: bool) -> dict:
     """Test accuracy of the old full-trunk router and the configured one (and a grid with ``sweep``),
     each trained on the same rows; the delta's standard error is the paired one (same test rows)."""
     backbone = load_backbone("minilm", top_layers=1, max_length=max_length)

@@ -34,8 +34,12 @@ from bench_ray_phase2 import SCRATCH, log, ray_init, run_upstream  # also sets u
 from bench_ray_phase2 import build_config as phase2_config
 
 from dmoerm.config import PipelineConfig
-from dmoerm.stages import steps
+from dmoerm.stages.base import backbone_for
+from dmoerm.stages.data import splits_of
+from dmoerm.stages.phase3 import features_step, load_features
 from dmoerm.stages.store import StageStore
+from dmoerm.stages.train import expert_key, load_experts, train_expert_step, trunk_cache
+from dmoerm.training.loop import FitHooks
 
 CATEGORY = "helpful"
 
@@ -47,18 +51,17 @@ def _recompute_trainable(config: dict, *, cfg: PipelineConfig, storage: str, key
 
     from dmoerm.modeling.aggregator import Aggregator
     from dmoerm.modeling.top import run_experts
+    from dmoerm.stages.phase3 import METRIC, trial_settings
     from dmoerm.training.loop import fit_pairwise
     from dmoerm.training.phases import human_groups
-    from tuning.search_aggregator import METRIC, trial_settings
 
     torch.set_num_threads(1)
     store = StageStore(storage)
-    splits = {k: [s for s in v if s.category == CATEGORY] for k, v in steps.splits_of(store, "route",
-                                                                                      keys["route"]).items()}
-    cache = steps.trunk_cache(cfg, store, keys["trunk"], splits["phase3"] + splits["val"])
-    experts = steps.load_experts(cfg, store, keys["phase1"], keys["experts"], CATEGORY)
-    caps = next(c for c in cfg.taxonomy if c.name == CATEGORY).capabilities
-    backbone = steps.backbone_for(cfg)
+    splits = splits_of(store, "route", keys["route"], CATEGORY)
+    cache = trunk_cache(cfg, store, keys["trunk"], splits["phase3"] + splits["val"])
+    experts = load_experts(cfg, store, keys["phase1"], keys["experts"], CATEGORY)
+    caps = cfg.category(CATEGORY).capabilities
+    backbone = backbone_for(cfg)
     groups = {n: human_groups(splits[n], cache) for n in ("phase3", "val")}  # trunk-cache row ids
     spec, settings = trial_settings(config, cfg.phase3, max_epochs)
     torch.manual_seed(cfg.seed)
@@ -77,7 +80,7 @@ def _recompute_trainable(config: dict, *, cfg: PipelineConfig, storage: str, key
             tune.report({METRIC: value, "epoch": epoch["n"]})
 
     fit_pairwise(agg, list(agg.parameters()), reward, groups["phase3"], groups["val"], cache.lengths(), settings,
-                 seed=cfg.seed, desc="phase3/recompute", log_metric=report, progress=False)
+                 seed=cfg.seed, desc="phase3/recompute", hooks=FitHooks(log_metric=report, progress=False))
 
 
 def recomputed_search(cfg: PipelineConfig, storage: str, keys: dict) -> tuple[float, list[dict]]:
@@ -85,7 +88,8 @@ def recomputed_search(cfg: PipelineConfig, storage: str, keys: dict) -> tuple[fl
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from tuning.search_aggregator import METRIC, param_space
+    from dmoerm.stages.phase3 import METRIC
+    from tuning.search_aggregator import param_space
 
     spec = cfg.platform.tune
     trainable = tune.with_parameters(_recompute_trainable, cfg=cfg, storage=storage, keys=keys,
@@ -138,15 +142,14 @@ def main() -> None:
     inputs, tops = run_upstream(cfg, store)
     expert_keys = {}
     for inp in (i for i in inputs if i.category == CATEGORY):
-        key = steps.expert_key(cfg, store, inp)
+        key = expert_key(cfg, store, inp)
         if store.done("experts", key) is None:
-            tensors, result = steps.train_expert_step(cfg, store, inp)
-            steps.save_expert(store, key, tensors, {"steps": result.steps})
+            train_expert_step(cfg, store, inp, key, FitHooks(progress=False))
         expert_keys[inp.capability] = key
     route, trunk = inputs[0].route, inputs[0].trunk
-    features = steps.features_step(cfg, store, route, trunk, tops[CATEGORY], expert_keys, CATEGORY)
+    features = features_step(cfg, store, route, trunk, tops[CATEGORY], expert_keys, CATEGORY)
     stages_s = time.perf_counter() - start
-    feats, groups = steps.load_features(store, features)
+    feats, groups = load_features(store, features)
     log(f"stages up to features {stages_s:.1f} s; features {tuple(feats.shape)}")
 
     import ray
@@ -158,7 +161,7 @@ def main() -> None:
     # cached first, then recomputed, in the same Ray session on the same inputs
     seed_all(cfg.seed)
     start = time.perf_counter()
-    best = search_aggregator(cfg, storage, features, CATEGORY)
+    best = search_aggregator(cfg, store, features, CATEGORY)
     cached_s = time.perf_counter() - start
     load["after_cached"] = [round(x, 2) for x in os.getloadavg()]
     log(f"cached search {cached_s:.1f} s: {best}")

@@ -16,12 +16,15 @@ def _label_shard(samples: list[Sample], capabilities: dict[str, list[str]], cfg:
     return {s.id: s.capability_prefs for s in samples}, dataclasses.asdict(report)
 
 
-def ray_labeler(num_workers: int):
-    """A ``labeler`` for ``label_step``: shards by sample id (the same questions land on the same shard
+@dataclasses.dataclass
+class RayLabeler:
+    """A ``labeler`` for the labels stage: shards by sample id (the same questions land on the same shard
     and its answer cache on every run); each shard gets ``concurrency // num_workers`` requests."""
 
-    def labeler(samples: list[Sample], capabilities: dict[str, list[str]], cfg: JudgeConfig) -> dict:
-        n = max(1, min(num_workers, cfg.concurrency, len(samples)))
+    num_workers: int
+
+    def __call__(self, samples: list[Sample], capabilities: dict[str, list[str]], cfg: JudgeConfig) -> dict:
+        n = max(1, min(self.num_workers, cfg.concurrency, len(samples)))
         ordered = sorted(samples, key=lambda s: s.id)
         futures = []
         for i in range(n):
@@ -37,5 +40,3 @@ def ray_labeler(num_workers: int):
                 if isinstance(v, (int, float)):
                     totals[k] = totals.get(k, 0) + v
         return totals
-
-    return labeler

@@ -45,7 +45,7 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: str):
     from tiny import TINY_LORA, build_reward_model, load_tiny
 
     from dmoerm.bundle import save_bundle
-    from dmoerm.modeling.aggregator import AggregatorSpec
+    from dmoerm.modeling.aggregator import AggregatorConfig
     from dmoerm.modeling.reward_model import SingleRewardModel
     from dmoerm.modeling.top import TopStack
 
@@ -53,7 +53,7 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: str):
     model = build_reward_model(backbone, {"chat": ["empathy", "logic"], "qa": ["correctness"]})
     baseline = TopStack(backbone)
     path = tmp_path_factory.mktemp("bundle") / "bundle"
-    save_bundle(path, model, lora=TINY_LORA, aggregator=AggregatorSpec(), router_width=0, baseline=baseline,
+    save_bundle(path, model, lora=TINY_LORA, aggregator=AggregatorConfig(), router_width=0, baseline=baseline,
                 metrics={"overall": 0.5})
     return str(path), model, SingleRewardModel(backbone, baseline)
 

@@ -12,7 +12,7 @@ from tiny import TINY_LORA, build_reward_model, save_tiny, user
 
 from dmoerm.bundle import BUNDLE_FORMAT, load_bundle, read_meta, save_bundle
 from dmoerm.data.records import Turn
-from dmoerm.modeling.aggregator import AggregatorSpec
+from dmoerm.modeling.aggregator import AggregatorConfig
 from dmoerm.modeling.reward_model import RewardModel
 from dmoerm.modeling.router import RouterInput, context_features
 
@@ -93,7 +93,7 @@ def test_not_a_bundle_and_unknown_formats_are_refused(tiny_bundle, tmp_path):
 def test_bad_category_names_are_refused(tiny_bundle, tmp_path):
     bad = build_reward_model(tiny_bundle[1].backbone, {"../escape": ["x"]})
     with pytest.raises(ValueError, match="category name"):
-        save_bundle(tmp_path / "b", bad, lora=TINY_LORA, aggregator=AggregatorSpec(), router_width=0)
+        save_bundle(tmp_path / "b", bad, lora=TINY_LORA, aggregator=AggregatorConfig(), router_width=0)
 
 
 @pytest.mark.slow
@@ -102,7 +102,7 @@ def test_save_and_load_through_s3(tiny_bundle, s3_server):
     _, model, _ = tiny_bundle
     bucket = s3_server.create_bucket("dmoerm-bundles")
     uri = f"s3://{bucket}/runs/r1/bundle"
-    assert save_bundle(uri, model, lora=TINY_LORA, aggregator=AggregatorSpec(), router_width=0) == uri
+    assert save_bundle(uri, model, lora=TINY_LORA, aggregator=AggregatorConfig(), router_width=0) == uri
     keys = {o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]}
     assert "runs/r1/bundle/bundle.json" in keys and "runs/r1/bundle/categories/qa/experts.safetensors" in keys
     loaded = load_bundle(uri)
@@ -114,7 +114,7 @@ def test_bundle_round_trips_the_router_inputs(tiny_bundle, tmp_path):
     backbone = tiny_bundle[1].backbone
     inputs = RouterInput(layers=1, max_context_tokens=8)
     model = build_reward_model(backbone, {"chat": ["empathy"], "qa": ["correctness"]}, router_inputs=inputs)
-    path = save_bundle(tmp_path / "b", model, lora=TINY_LORA, aggregator=AggregatorSpec(), router_width=0)
+    path = save_bundle(tmp_path / "b", model, lora=TINY_LORA, aggregator=AggregatorConfig(), router_width=0)
     entry = read_meta(path)["router"]
     assert (entry["layers"], entry["max_context_tokens"], entry["source"]) == (1, 8, "context")
     loaded = load_bundle(path, backbone=backbone)

@@ -16,16 +16,16 @@ import torch
 from torch import nn
 
 from dmoerm.data.records import Sample, Turn
-from dmoerm.modeling.aggregator import Aggregator, AggregatorSpec
+from dmoerm.modeling.aggregator import Aggregator, AggregatorConfig
 from dmoerm.modeling.backbone import Backbone, build_backbone, load_backbone, resolve_model_path
 from dmoerm.modeling.reward_model import CategoryModel, RewardModel
 from dmoerm.modeling.router import RouterHead, RouterInput
-from dmoerm.modeling.top import LoraSettings, TopStack, attach_experts
+from dmoerm.modeling.top import LoraConfig, TopStack, attach_experts
 
 Kind = Literal["bert", "llama"]
 HIDDEN = 32
 NUM_LAYERS = 3
-TINY_LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
+TINY_LORA = LoraConfig(r=4, alpha=8, dropout=0.0)
 
 
 @functools.lru_cache(maxsize=1)
@@ -97,7 +97,7 @@ def build_reward_model(backbone: Backbone, taxonomy: dict[str, list[str]], seed:
     for i, (name, caps) in enumerate(taxonomy.items()):
         experts = attach_experts(TopStack(backbone), caps, TINY_LORA)
         perturb_(experts, ["lora_", "modules_to_save"], seed=seed + i)
-        agg = Aggregator(len(caps), backbone.hidden_size, AggregatorSpec())
+        agg = Aggregator(len(caps), backbone.hidden_size, AggregatorConfig())
         categories[name] = CategoryModel(name, list(caps), experts, agg)
     kwargs.setdefault("batch_size", 4)
     return RewardModel(backbone, router, categories, **kwargs)

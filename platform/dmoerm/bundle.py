@@ -1,4 +1,4 @@
-"""The model bundle: everything needed to score, in one versioned folder (DESIGN.md §5).
+"""The model bundle: everything needed to score, in one versioned folder.
 
     bundle.json                  format version, base model reference + revision + weight fingerprint,
                                  pooling, max length, taxonomy, router inputs (layers, max context
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -25,15 +24,15 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
-from dmoerm.modeling.aggregator import Aggregator, AggregatorSpec
+from dmoerm.configtools import check_name
+from dmoerm.modeling.aggregator import Aggregator, AggregatorConfig
 from dmoerm.modeling.backbone import Backbone, load_backbone
 from dmoerm.modeling.reward_model import CategoryModel, RewardModel, SingleRewardModel
 from dmoerm.modeling.router import RouterHead, RouterInput
-from dmoerm.modeling.top import LoraSettings, TopStack, attach_experts
+from dmoerm.modeling.top import LoraConfig, TopStack, attach_experts
 
 logger = logging.getLogger(__name__)
 BUNDLE_FORMAT = 1
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def save_tensors(tensors: dict, path: Path) -> None:
@@ -50,7 +49,7 @@ class LoadedBundle:
     path: Path
 
 
-def save_bundle(path: str | Path, model: RewardModel, *, lora: LoraSettings, aggregator: AggregatorSpec,
+def save_bundle(path: str | Path, model: RewardModel, *, lora: LoraConfig, aggregator: AggregatorConfig,
                 router_width: int, baseline: TopStack | None = None, metrics: dict | None = None,
                 extra: dict | None = None) -> str:
     """Write the bundle to a local folder or an ``s3://`` prefix; returns where it was written."""
@@ -60,9 +59,8 @@ def save_bundle(path: str | Path, model: RewardModel, *, lora: LoraSettings, agg
     local = Path(tempfile.mkdtemp(prefix="dmoerm-bundle-")) if storage.is_s3(target) else Path(target)
     local.mkdir(parents=True, exist_ok=True)
     bb = model.backbone
-    for name in model.categories:
-        if not NAME_RE.match(name):
-            raise ValueError(f"category name {name!r} must match {NAME_RE.pattern}")
+    for name in model.categories:  # a model built in code never went through CategoryConfig
+        check_name("category", name)
     meta = {
         "format": BUNDLE_FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -146,8 +144,8 @@ def load_bundle(path: str | Path, *, base: str | None = None, batch_size: int = 
     if check_fingerprint and backbone.fingerprint() != b["fingerprint"]:
         raise ValueError(f"{local}: the base model at {base or b['reference']!r} is not the one this bundle "
                          "was trained on (weight fingerprint differs)")
-    lora = LoraSettings(**meta["lora"])
-    spec = AggregatorSpec(**meta["aggregator"])
+    lora = LoraConfig(**meta["lora"])
+    spec = AggregatorConfig(**meta["aggregator"])
     names = [c["name"] for c in meta["taxonomy"]]
     subset = categories is not None and list(categories) != names
     if categories is not None:
@@ -166,7 +164,7 @@ def load_bundle(path: str | Path, *, base: str | None = None, batch_size: int = 
         experts = attach_experts(TopStack(backbone), c["capabilities"], lora)
         experts.load_state_dict(load_file(str(local / "categories" / c["name"] / "experts.safetensors")))
         agg = Aggregator(len(c["capabilities"]), backbone.hidden_size,
-                         AggregatorSpec(**c["aggregator"]) if "aggregator" in c else spec)
+                         AggregatorConfig(**c["aggregator"]) if "aggregator" in c else spec)
         agg.load_state_dict(load_file(str(local / "categories" / c["name"] / "aggregator.safetensors")))
         loaded[c["name"]] = CategoryModel(c["name"], list(c["capabilities"]), experts, agg)
     model = RewardModel(backbone, router, loaded, batch_size=batch_size, max_batch_tokens=max_batch_tokens)

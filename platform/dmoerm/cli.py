@@ -24,15 +24,21 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dmoerm.config import load_config
-    from dmoerm.pipeline import run_pipeline
+    """The whole recipe in this process: the same stages as the Ray job, on ``platform.storage_uri``."""
+    import os
 
+    from dmoerm.config import load_config
+    from dmoerm.pipeline import train_locally
+
+    if args.no_progress:
+        os.environ["TQDM_DISABLE"] = "1"
     cfg = load_config(args.config, args.overrides)
-    result = run_pipeline(cfg, progress=not args.no_progress)
+    result = train_locally(cfg)
     print()
     print(f"DMoERM vs single RM, pairwise accuracy on held-out test pairs ({cfg.name}):")
-    print(result.report.table())
+    print(result.report["table"])
     print(f"\nstage timings (s): {json.dumps(result.timings)}")
+    print(f"stages kept under: {cfg.platform.storage_uri} (a re-run skips what is finished)")
     print(f"bundle written to: {result.bundle_uri}")
     return 0
 
@@ -122,12 +128,13 @@ def cmd_label(args: argparse.Namespace) -> int:
     from dmoerm.config import load_config
     from dmoerm.data.loaders import write_samples
     from dmoerm.data.splits import split_samples
-    from dmoerm.pipeline import label_stage, load_data
+    from dmoerm.stages.data import load_data
+    from dmoerm.stages.labels import label_capabilities
 
     cfg = load_config(args.config, args.overrides)
     samples, _ = load_data(cfg)
     splits = split_samples(samples, cfg.data.splits)
-    caps = label_stage(cfg, splits)
+    caps = label_capabilities(cfg, splits)
     labelled = {id(s): s for v in caps.train.values() for s in v} | {id(s): s for v in caps.val.values() for s in v}
     n = write_samples(args.output, list(labelled.values()))
     print(json.dumps({"written": n, "output": args.output, "report": caps.report}, default=str))
@@ -135,22 +142,18 @@ def cmd_label(args: argparse.Namespace) -> int:
 
 
 def _repo_module(name: str):
-    """The Ray layers (``jobs/``, ``serve/``) live in the checkout, not in the library (which never imports Ray)."""
+    """A module of the checkout's Ray Serve layer (``serve/``), imported from the checkout that
+    ``dmoerm.submit.checkout_root`` finds (the jobs' layer is never imported: ``dmoerm.submit`` uploads it)."""
     import importlib
-    import os
 
-    import dmoerm
+    from dmoerm.submit import checkout_root
 
-    repo = Path(os.environ.get("DMOERM_REPO") or Path(dmoerm.__file__).resolve().parents[2])
-    if not (repo / (name.replace(".", "/") + ".py")).exists():
-        raise ValueError(f"no {name.replace('.', '/')}.py under {repo}: run from a dmoerm checkout or set DMOERM_REPO")
-    if str(repo) not in sys.path:
-        sys.path.insert(0, str(repo))
+    root = checkout_root()
+    if not (root / (name.replace(".", "/") + ".py")).exists():
+        raise ValueError(f"no {name.replace('.', '/')}.py under {root}: run from a dmoerm checkout or set DMOERM_REPO")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
     return importlib.import_module(name)
-
-
-def _jobs_module():
-    return _repo_module("jobs.submit_pipeline")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -164,18 +167,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    extra = ["--fail-expert", args.fail_expert] if args.fail_expert else []
-    _jobs_module().submit(args.config, args.overrides, args.address, wait=not args.no_wait, extra_args=extra)
+    from dmoerm import submit
+
+    submit.submit(args.config, args.overrides, args.address, wait=not args.no_wait)
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    print(_jobs_module().status(args.job_id, args.address))
+    from dmoerm import submit
+
+    print(submit.status(args.job_id, args.address))
     return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    out = _jobs_module().logs(args.job_id, args.address, follow_logs=args.follow)
+    from dmoerm import submit
+
+    out = submit.logs(args.job_id, args.address, follow_logs=args.follow)
     if not args.follow:
         sys.stdout.write(out)
     return 0
@@ -216,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="run the whole DMoERM recipe and write a bundle")
+    t = sub.add_parser("train", help="run the whole DMoERM recipe in this process and write a bundle")
     t.add_argument("--config", required=True)
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("overrides", nargs="*", help="dotted.key=value")
@@ -250,7 +258,6 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--config", required=True)
     sb.add_argument("--address", help="Ray dashboard address (default: RAY_ADDRESS or http://127.0.0.1:8265)")
     sb.add_argument("--no-wait", action="store_true", help="print the job id and return")
-    sb.add_argument("--fail-expert", help=argparse.SUPPRESS)
     sb.add_argument("overrides", nargs="*")
     sb.set_defaults(fn=cmd_submit)
     sv = sub.add_parser("serve", help="serve a model over HTTP (Ray Serve): /v1/reward, /get_reward, /classify")

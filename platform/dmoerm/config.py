@@ -1,6 +1,8 @@
 """The pipeline's typed configuration: one dataclass per concern, YAML files are instances of it.
 
     cfg = load_config("configs/demo.yaml", ["phase1.lr=5e-5", "model.top_layers=2"])
+
+Every config class ends in ``Config``; each validates its own fields (names included) when it is built.
 """
 
 from __future__ import annotations
@@ -9,19 +11,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from dmoerm.configtools import apply_overrides, from_dict, load_yaml
+from dmoerm.configtools import apply_overrides, check_name, from_dict, load_yaml
 from dmoerm.data.loaders import SourceConfig
 from dmoerm.data.splits import SplitConfig
 from dmoerm.labeling.judge import JudgeConfig
-from dmoerm.modeling.aggregator import AggregatorSpec
+from dmoerm.modeling.aggregator import AggregatorConfig
 from dmoerm.modeling.router import RouterInput
-from dmoerm.modeling.top import LoraSettings
+from dmoerm.modeling.top import LoraConfig
 from dmoerm.promotion import PromotionConfig
-from dmoerm.training.loop import TrainSettings
+from dmoerm.training.loop import TrainConfig
 
 
 @dataclass
-class CategorySpec:
+class CategoryConfig:
     """One task category of the outer router and its capability points (the inner experts)."""
 
     name: str
@@ -31,9 +33,18 @@ class CategorySpec:
     description: str = ""
     """Free text for people and for the judge."""
 
+    def __post_init__(self) -> None:
+        check_name("category", self.name)
+        if not self.capabilities:
+            raise ValueError(f"taxonomy: category {self.name!r} lists no capabilities")
+        for cap in self.capabilities:
+            check_name(f"category {self.name!r}: capability", cap)
+        if len(set(self.capabilities)) != len(self.capabilities):
+            raise ValueError(f"taxonomy: category {self.name!r} lists a capability twice: {self.capabilities}")
+
 
 @dataclass
-class DataSpec:
+class DataConfig:
     """Human-ranked training data and how it is split."""
 
     sources: list[SourceConfig]
@@ -45,7 +56,7 @@ class DataSpec:
 
 
 @dataclass
-class LabelSpec:
+class LabelConfig:
     """Where the capability labels that train the phase-2 experts come from."""
 
     source: Literal["dataset", "attributes", "judge"] = "dataset"
@@ -73,7 +84,7 @@ class LabelSpec:
 
 
 @dataclass
-class ModelSpec:
+class ModelConfig:
     """The base model and how it is split into a frozen trunk and a trainable top."""
 
     base: str = "minilm"
@@ -90,24 +101,23 @@ class ModelSpec:
     """Allow a model repository's own code to run (off unless you trust it)."""
     feature_batch_size: int = 32
     """Rows per forward when computing frozen features."""
-    lora: LoraSettings = field(default_factory=LoraSettings)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     """The capability experts' LoRA settings."""
 
 
 @dataclass
-class RouterSpec(RouterInput):
+class RouterConfig(RouterInput):
     """The outer sparse router: what it reads (``layers``, ``max_context_tokens``, ``source``, documented
     on ``RouterInput``), its shape and its training."""
 
     width: int = 0
     """Hidden width of the router MLP (0: a linear classifier)."""
-    train: TrainSettings = field(default_factory=lambda: TrainSettings(lr=3e-3, epochs=40, batch_size=64,
-                                                                        patience=6))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=3e-3, epochs=40, batch_size=64, patience=6))
     """Router optimisation."""
 
 
 @dataclass
-class ResourceSpec:
+class ResourceConfig:
     """Ray resources of one trainer (phase-2 expert) or task."""
 
     num_workers: int = 1
@@ -125,13 +135,19 @@ class ResourceSpec:
 
 
 @dataclass
-class TuneSpec:
-    """Ray Tune search of the aggregator's hyperparameters on cached expert features."""
+class TuneConfig:
+    """The search of each category's aggregator hyperparameters on its cached expert features. Both
+    executors run it over this space and budget: the Ray job with Ray Tune (concurrent trials, Optuna or
+    random proposals, ASHA), ``dmoerm train`` with Optuna in process (one trial at a time, successive
+    halving). Disabled, both train ``aggregator`` with ``phase3`` as given."""
 
+    enabled: bool = True
+    """Search; false: the aggregator is ``aggregator`` + ``phase3`` (both executors then build the same
+    bundle from the same config and seed)."""
     num_samples: int = 8
     """Trials per category."""
     max_concurrent: int = 2
-    """Trials running at once."""
+    """Trials running at once (Ray Tune)."""
     search: Literal["optuna", "random"] = "optuna"
     """Search algorithm: optuna's TPE sampler, or random search."""
     hidden_sizes: list[int] = field(default_factory=lambda: [64, 128, 256, 384])
@@ -145,9 +161,9 @@ class TuneSpec:
     dropout: list[float] = field(default_factory=lambda: [0.0, 0.3])
     """Uniform dropout range [low, high]."""
     max_epochs: int = 30
-    """Epochs of the longest trial (ASHA stops weak trials earlier)."""
+    """Epochs of the longest trial (weak trials are stopped earlier); also the final aggregator's."""
     grace_period: int = 3
-    """Epochs every trial runs before ASHA may stop it."""
+    """Epochs every trial runs before it may be stopped."""
 
     def __post_init__(self) -> None:
         if self.num_samples < 1 or self.max_concurrent < 1 or self.max_epochs < 1 or self.grace_period < 1:
@@ -159,11 +175,13 @@ class TuneSpec:
 
 
 @dataclass
-class PlatformSpec:
-    """Where a pipeline job keeps its state and reports: storage, MLflow, Ray resources."""
+class PlatformConfig:
+    """Where a run keeps its state and reports, and what it asks of a cluster: storage, MLflow, Ray
+    resources, the aggregator search, promotion."""
 
     storage_uri: str = ".scratch/storage"
-    """Stage outputs, checkpoints, feature and label caches, bundles: a path or ``s3://bucket/prefix``."""
+    """Stage outputs, checkpoints, feature and label caches, bundles, for both executors: a path
+    (relative to the working directory) or ``s3://bucket/prefix``. A finished stage is never redone."""
     s3_endpoint_url: str | None = None
     """A non-AWS S3 endpoint (MinIO, moto); None uses AWS_ENDPOINT_URL or AWS itself."""
     mlflow_tracking_uri: str | None = None
@@ -174,9 +192,9 @@ class PlatformSpec:
     """Registry name of the trained model; None = the run ``name``."""
     alias: str = "champion"
     """The registry alias that promotion moves."""
-    expert_resources: ResourceSpec = field(default_factory=ResourceSpec)
+    expert_resources: ResourceConfig = field(default_factory=ResourceConfig)
     """Each phase-2 expert's Ray Train trainer."""
-    tune: TuneSpec = field(default_factory=TuneSpec)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     """Aggregator search."""
     promotion: PromotionConfig = field(default_factory=PromotionConfig)
     """When a new version may take the alias."""
@@ -188,35 +206,36 @@ class PlatformSpec:
 class PipelineConfig:
     """Everything one DMoERM training run needs."""
 
-    taxonomy: list[CategorySpec]
+    taxonomy: list[CategoryConfig]
     """Categories and their capability points: data, not code."""
-    data: DataSpec
+    data: DataConfig
     """Human-ranked data."""
     name: str = "dmoerm"
     """Run and registered-model name."""
     seed: int = 0
     """Seeds subsampling, initialisation and batching."""
     output_dir: str = ".scratch/run"
-    """Where the bundle and run files go (a local path or ``s3://bucket/prefix``)."""
-    labels: LabelSpec = field(default_factory=LabelSpec)
+    """Where ``dmoerm train`` puts the finished bundle, ``<output_dir>/bundle`` (a path relative to the
+    working directory, or ``s3://bucket/prefix``); the Ray job registers it in MLflow instead."""
+    labels: LabelConfig = field(default_factory=LabelConfig)
     """Capability label source."""
-    model: ModelSpec = field(default_factory=ModelSpec)
+    model: ModelConfig = field(default_factory=ModelConfig)
     """Base model and split."""
-    router: RouterSpec = field(default_factory=RouterSpec)
+    router: RouterConfig = field(default_factory=RouterConfig)
     """Outer router."""
-    phase1: TrainSettings = field(default_factory=lambda: TrainSettings(lr=1e-4, epochs=2))
+    phase1: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, epochs=2))
     """Phase 1: top blocks + value head on human ranks (also the single-RM baseline's recipe)."""
-    phase2: TrainSettings = field(default_factory=lambda: TrainSettings(lr=5e-4, epochs=2))
+    phase2: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-4, epochs=2))
     """Phase 2: each capability's LoRA adapter and value head on its labels."""
-    phase3: TrainSettings = field(default_factory=lambda: TrainSettings(lr=1e-3, epochs=30, batch_size=64,
+    phase3: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, epochs=30, batch_size=64,
                                                                         patience=5))
     """Phase 3: the aggregator on cached expert features."""
-    aggregator: AggregatorSpec = field(default_factory=AggregatorSpec)
+    aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
     """Aggregator shape."""
     baseline: bool = True
     """Also train and evaluate the single-RM baseline on the same splits."""
-    platform: PlatformSpec = field(default_factory=PlatformSpec)
-    """Ray job settings: storage, MLflow, resources, search, promotion."""
+    platform: PlatformConfig = field(default_factory=PlatformConfig)
+    """Storage, MLflow, Ray resources, aggregator search, promotion."""
 
     def __post_init__(self) -> None:
         names = [c.name for c in self.taxonomy]
@@ -224,9 +243,6 @@ class PipelineConfig:
             raise ValueError("taxonomy must list at least one category")
         if len(set(names)) != len(names):
             raise ValueError(f"taxonomy has duplicate category names: {names}")
-        for c in self.taxonomy:
-            if not c.capabilities:
-                raise ValueError(f"taxonomy: category {c.name!r} lists no capabilities")
         for i, s in enumerate(self.data.sources):
             if s.category is not None and s.category not in names:
                 raise ValueError(f"data.sources[{i}].category {s.category!r} is not in the taxonomy {names}")
@@ -239,19 +255,29 @@ class PipelineConfig:
     def capabilities(self) -> dict[str, list[str]]:
         return {c.name: list(c.capabilities) for c in self.taxonomy}
 
+    def category(self, name: str) -> CategoryConfig:
+        """The taxonomy entry called ``name``."""
+        for c in self.taxonomy:
+            if c.name == name:
+                return c
+        raise ValueError(f"unknown category {name!r}; the taxonomy has {[c.name for c in self.taxonomy]}")
+
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 data: dict | None = None) -> PipelineConfig:
-    """Read a YAML config (or a dict), apply ``dotted.key=value`` overrides, validate. Relative data and
-    output paths are resolved against the config file's folder."""
+    """Read a YAML config (or a dict), apply ``dotted.key=value`` overrides, validate, and resolve paths
+    once: data sources, label files and a local base model relative to the config file's folder (they
+    ship beside it); ``output_dir`` and ``platform.storage_uri`` relative to the working directory (where
+    the run happens). URIs (``s3://...``) are kept as they are."""
     raw = dict(data or {})
     if path is not None:
         raw = load_yaml(path)
     raw = apply_overrides(raw, overrides or [])
     cfg = from_dict(PipelineConfig, raw)
     if path is not None:
-        base = Path(path).resolve().parent
-        _resolve_paths(cfg, base)
+        _resolve_inputs(cfg, Path(path).resolve().parent)
+    cfg.output_dir = _resolve(cfg.output_dir, Path.cwd())
+    cfg.platform.storage_uri = _resolve(cfg.platform.storage_uri, Path.cwd())
     return cfg
 
 
@@ -261,7 +287,7 @@ def _resolve(p: str, base: Path) -> str:
     return str((base / p).resolve())
 
 
-def _resolve_paths(cfg: PipelineConfig, base: Path) -> None:
+def _resolve_inputs(cfg: PipelineConfig, base: Path) -> None:
     for s in cfg.data.sources:
         s.path = _resolve(s.path, base)
     for sources in cfg.labels.datasets.values():

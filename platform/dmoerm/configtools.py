@@ -6,12 +6,23 @@ Unknown keys, wrong types and bad values raise ``ValueError`` naming the dotted 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar, get_args, get_origin
 
 T = TypeVar("T")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+"""Names that become folder, file and adapter names: categories and capabilities."""
+
+
+def check_name(kind: str, name: str) -> str:
+    """``name`` if it matches :data:`NAME_RE`, else a ``ValueError`` saying what ``kind`` of name it is."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ValueError(f"{kind} name {name!r} must start with a letter or digit and use only letters, digits "
+                         f"and _.- (it names folders, files and adapters)")
+    return name
 
 
 def _type_name(tp: Any) -> str:

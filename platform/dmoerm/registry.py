@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
+    from dmoerm.config import PlatformConfig
+    from dmoerm.stages.store import StageStore
+
 log = logging.getLogger(__name__)
 
 PAIR_OUTCOMES_ARTIFACT = "evaluation/pair_outcomes.json"
@@ -229,6 +232,48 @@ def rollback(client: MlflowClient, name: str, alias: str = "champion") -> ModelV
     client.set_model_version_tag(name, restored, f"{TAG_PREFIX}rollback.restored_from", demoted)
     log.warning("%s '%s' rolled back from version %s to %s", name, alias, demoted, restored)
     return client.get_model_version(name, restored)
+
+
+def register_evaluation(client: MlflowClient, tracking_uri: str, run_id: str, name: str, platform: PlatformConfig,
+                        store: StageStore, evaluation: str) -> tuple[str, dict[str, Any]]:
+    """Log an ``evaluate`` stage's bundle as a pyfunc model of run ``run_id``, register it under ``name``
+    with its metrics and per-pair outcomes, and move ``platform.alias`` only if it beats the holder on the
+    same pairs (the first model: the single-RM baseline). Idempotent: a version that already holds this
+    evaluation is returned as it is (``"skipped": True``). Returns (version, decision)."""
+    import mlflow
+
+    from dmoerm.mlflow_model import log_bundle_model
+
+    for mv in _versions(client, name):
+        if mv.tags.get("dmoerm.evaluation_key") == evaluation and "dmoerm.promotion.decision" in mv.tags:
+            log.info("%-28s skipped: %s version %s holds this evaluation", "register", name, mv.version)
+            return mv.version, {"promote": mv.tags["dmoerm.promotion.decision"] == "promoted",
+                                "reason": mv.tags.get("dmoerm.promotion.reason", ""), "skipped": True}
+    report = store.get_json("evaluate", evaluation, "report.json")
+    outcomes = {k: PairOutcome(*v) for k, v in store.get_json("evaluate", evaluation, "pair_outcomes.json").items()}
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        info = log_bundle_model(store.path("evaluate", evaluation, "bundle"))
+    mv = register_version(client, name, info.model_uri, run_id, model_id=info.model_id,
+                          metrics={k: v for k, v in report["metrics"].items() if v == v},
+                          tags={"dmoerm.evaluation_key": evaluation}, pair_outcomes=outcomes)
+    baseline = None
+    if get_alias(client, name, platform.alias) is None:
+        raw = store.get_json("evaluate", evaluation, "baseline_pair_outcomes.json")
+        baseline = {k: PairOutcome(*v) for k, v in raw.items()}
+    decision = decide_against_champion(client, name, mv.version, platform.promotion, alias=platform.alias,
+                                       baseline=baseline)
+    promote(client, name, mv.version, decision, alias=platform.alias)
+    return mv.version, {"promote": decision.promote, "reason": decision.reason}
+
+
+def _versions(client: MlflowClient, name: str) -> list:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return list(client.search_model_versions(f"name='{name}'"))
+    except MlflowException:
+        return []
 
 
 def _history_with_holder(client: MlflowClient, name: str, alias: str, holder_version: str) -> list[str]:

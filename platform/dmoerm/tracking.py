@@ -1,6 +1,7 @@
 """MLflow tracking for pipeline runs: one parent run, child runs per stage and per expert, metrics,
-plots as artifacts. MLflow is imported inside the functions; secrets never reach it (the config holds
-only the NAMES of environment variables)."""
+plots as artifacts, and the embedded defaults (a SQLite store beside local storage, artifacts beside it).
+MLflow is imported inside the functions; secrets never reach it (the config holds only the NAMES of
+environment variables)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dmoerm.configtools import to_dict
+
+if TYPE_CHECKING:
+    from dmoerm.config import PlatformConfig
 
 logger = logging.getLogger(__name__)
 SECRET_WORDS = ("key", "token", "secret", "password")
@@ -23,6 +27,16 @@ def default_tracking_uri(storage_uri: str) -> str:
     base = Path(".scratch") if storage.is_s3(storage_uri) else Path(storage_uri)
     base.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{(base / 'mlflow.db').resolve()}"
+
+
+def open_tracker(platform: PlatformConfig, run_name: str) -> Tracker:
+    """A new parent run at ``platform.mlflow_tracking_uri``, or at the embedded default
+    (``default_tracking_uri``) with its artifacts in ``mlartifacts/`` beside the SQLite file."""
+    uri = platform.mlflow_tracking_uri or default_tracking_uri(platform.storage_uri)
+    artifacts = None
+    if uri.startswith("sqlite:"):
+        artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    return Tracker(uri, platform.experiment, artifacts, run_name=run_name)
 
 
 def ensure_experiment(client, name: str, artifact_location: str | None) -> str:
@@ -88,10 +102,6 @@ class Tracker:
         if items:
             self.client.log_batch(run_id, metrics=items)
 
-    def metric_fn(self, run_id: str):
-        """A ``log_metric(name, value, step)`` callback for the training loops."""
-        return lambda name, value, step: self.log_metrics(run_id, {name.replace("/", "."): value}, step)
-
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
@@ -101,8 +111,37 @@ class Tracker:
             fig.savefig(path, dpi=110, bbox_inches="tight")
             self.client.log_artifact(run_id, path, artifact_path="plots")
 
-    def log_dir(self, run_id: str, local_dir: str, artifact_path: str) -> None:
-        self.client.log_artifacts(run_id, local_dir, artifact_path=artifact_path)
+    # ---- a pipeline's child runs ------------------------------------------------------------------
+    def log_stage(self, name: str, key: str, info: dict, ran: bool, run_id: str | None = None) -> None:
+        """A finished child run for one stage (``run_id``, or a new one called ``name``): its key, whether
+        this run did it or skipped it, its numeric figures."""
+        child = run_id or self.child(name)
+        self.log_params(child, {"stage": name.split("/")[0], "key": key, "skipped": str(not ran)})
+        self.log_metrics(child, {k: v for k, v in info.items() if isinstance(v, (int, float))})
+        self.finish(child)
+
+    def log_expert(self, name: str, key: str, info: dict, ran: bool) -> None:
+        """An expert's child run: its training curves step by step, its figures and a training-curve plot."""
+        child = self.child(name, {"stage": "experts", "key": key, "skipped": str(not ran),
+                                  "workers": str(info.get("workers"))})
+        curves = info.get("metrics") or {}
+        for metric in ("train_loss", "val_accuracy"):
+            for step, value in curves.get(metric, []):
+                self.log_metrics(child, {metric: value}, int(step))
+        self.log_metrics(child, {k: info[k] for k in ("val_accuracy", "resumed_from_step", "seconds")
+                                 if isinstance(info.get(k), (int, float))})
+        if curves.get("history"):
+            self.log_figure(child, plot_history(curves["history"], name), "training_curve.png")
+        self.finish(child)
+
+    def log_evaluation(self, report: dict) -> None:
+        """An ``evaluate`` stage's report on the parent run: metrics, router confusion and per-category
+        accuracy plots, the table."""
+        self.log_metrics(self.run_id, {k.replace("/", "."): v for k, v in report["metrics"].items()})
+        self.log_figure(self.run_id, plot_confusion(report["confusion"], report["categories"]),
+                        "router_confusion.png")
+        self.log_figure(self.run_id, plot_accuracy(report["dmoerm"], report["baseline"]), "accuracy_by_category.png")
+        self.client.log_text(self.run_id, report["table"], "evaluation/table.txt")
 
 
 # ---- plots --------------------------------------------------------------------------------------

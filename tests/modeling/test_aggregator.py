@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from dmoerm.modeling.aggregator import Aggregator, AggregatorSpec
+from dmoerm.modeling.aggregator import Aggregator, AggregatorConfig
 
 
 def test_default_aggregator_is_the_papers_mlp():
@@ -31,7 +31,7 @@ def test_aggregator_reads_every_expert():
 
 
 def test_hidden_width_and_activation_are_configurable():
-    agg = Aggregator(2, 8, AggregatorSpec(hidden_size=5, activation="gelu", dropout=0.1))
+    agg = Aggregator(2, 8, AggregatorConfig(hidden_size=5, activation="gelu", dropout=0.1))
     assert agg.net[0].out_features == 5 and isinstance(agg.net[1], nn.GELU) and agg.net[2].p == 0.1
 
 
@@ -40,4 +40,4 @@ def test_hidden_width_and_activation_are_configurable():
                                                ({"dropout": 1.0}, "aggregator.dropout")])
 def test_bad_aggregator_settings_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
-        AggregatorSpec(**kwargs)
+        AggregatorConfig(**kwargs)

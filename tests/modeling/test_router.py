@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny import build_reward_model, minilm_tokenizer, tiny_backbone, tiny_model, user
 
-from dmoerm.config import RouterSpec
+from dmoerm.config import RouterConfig
 from dmoerm.data.records import Turn
 from dmoerm.modeling import reward_model as reward_model_module
 from dmoerm.modeling.backbone import build_backbone, render_context
@@ -61,7 +61,7 @@ def test_max_context_tokens_keeps_the_last_tokens():
                                                  ({"source": "rows"}, "router.source")])
 def test_bad_router_inputs_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        RouterSpec(**kwargs)
+        RouterConfig(**kwargs)
 
 
 def test_router_inputs_are_checked_against_the_backbone():

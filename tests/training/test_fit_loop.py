@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from dmoerm.training.loop import Group, TrainSettings, fit_pairwise, make_batches
+from dmoerm.training.loop import FitHooks, Group, TrainConfig, fit_pairwise, make_batches
 
 
 class Scale(nn.Module):
@@ -22,6 +22,7 @@ class Scale(nn.Module):
 X = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
 TRAIN = [Group([1, 0], [(0, 1)]), Group([3, 2], [(0, 1)])]  # larger x is better: pushes w up
 VAL = [Group([4, 5], [(0, 1)])]  # smaller x is better: right only while w < 0
+QUIET = FitHooks(progress=False)
 
 
 def _record_w(module: Scale, seen: list[float]):
@@ -32,10 +33,10 @@ def _record_w(module: Scale, seen: list[float]):
 def _fit(w0: float, patience: int, epochs: int = 10):
     module = Scale(w0)
     seen: list[float] = []
-    settings = TrainSettings(lr=0.3, epochs=epochs, batch_size=64, patience=patience, warmup_ratio=0.0,
+    settings = TrainConfig(lr=0.3, epochs=epochs, batch_size=64, patience=patience, warmup_ratio=0.0,
                              grad_clip=0.0)
     result = fit_pairwise(module, [module.w], lambda rows: module.w * X[list(rows)], TRAIN, VAL, [1] * 6,
-                          settings, desc="phase1", progress=False, log_metric=_record_w(module, seen))
+                          settings, desc="phase1", hooks=FitHooks(log_metric=_record_w(module, seen), progress=False))
     return module, result, seen
 
 
@@ -56,9 +57,9 @@ def test_an_equal_validation_accuracy_is_no_improvement():
     # val = train: accuracy is 1.0 at every evaluation, so only the first state counts as the best
     module = Scale(0.5)
     seen: list[float] = []
-    settings = TrainSettings(lr=0.3, epochs=10, batch_size=64, patience=2, warmup_ratio=0.0, grad_clip=0.0)
+    settings = TrainConfig(lr=0.3, epochs=10, batch_size=64, patience=2, warmup_ratio=0.0, grad_clip=0.0)
     res = fit_pairwise(module, [module.w], lambda rows: module.w * X[list(rows)], TRAIN, TRAIN, [1] * 6,
-                       settings, progress=False, log_metric=_record_w(module, seen))
+                       settings, hooks=FitHooks(log_metric=_record_w(module, seen), progress=False))
     assert [h["val_accuracy"] for h in res.history] == [1.0, 1.0, 1.0]
     assert res.stopped_early and res.steps == 3 and seen[0] < seen[-1]
     assert module.w.item() == seen[0]
@@ -66,19 +67,19 @@ def test_an_equal_validation_accuracy_is_no_improvement():
 
 def test_max_steps_caps_training():
     module = Scale(0.0)
-    settings = TrainSettings(lr=0.1, epochs=50, batch_size=2, patience=50, max_steps=3, warmup_ratio=0.0)
+    settings = TrainConfig(lr=0.1, epochs=50, batch_size=2, patience=50, max_steps=3, warmup_ratio=0.0)
     res = fit_pairwise(module, [module.w], lambda rows: module.w * X[list(rows)], TRAIN, VAL, [1] * 6, settings,
-                       progress=False)
+                       hooks=QUIET)
     assert res.steps == 3 and res.epochs_run == 1.5 and not res.stopped_early
 
 
 def test_without_validation_pairs_the_last_state_is_kept_and_training_never_stops_early():
     module = Scale(-1.0)
     seen: list[float] = []
-    settings = TrainSettings(lr=0.1, epochs=6, batch_size=64, patience=1, warmup_ratio=0.0, grad_clip=0.0)
+    settings = TrainConfig(lr=0.1, epochs=6, batch_size=64, patience=1, warmup_ratio=0.0, grad_clip=0.0)
     ties = [Group([4, 5], [])]
     res = fit_pairwise(module, [module.w], lambda rows: module.w * X[list(rows)], TRAIN, ties, [1] * 6, settings,
-                       progress=False, log_metric=_record_w(module, seen))
+                       hooks=FitHooks(log_metric=_record_w(module, seen), progress=False))
     assert res.steps == 6 and not res.stopped_early and math.isnan(res.best_val_accuracy)
     assert module.w.item() == seen[-1] and seen[-1] > seen[0]
 
@@ -89,7 +90,7 @@ def test_no_training_pairs_raises_naming_the_phase(desc):
     ties_only = [Group([0, 1], []), Group([2, 3], [])]
     with pytest.raises(ValueError, match=f"^{desc}: no training pairs"):
         fit_pairwise(module, [module.w], lambda rows: module.w * X[list(rows)], ties_only, VAL, [1] * 6,
-                     TrainSettings(), desc=desc, progress=False)
+                     TrainConfig(), desc=desc, hooks=QUIET)
 
 
 def test_batches_keep_samples_whole_and_cover_every_sample_once():
@@ -106,4 +107,4 @@ def test_batches_keep_samples_whole_and_cover_every_sample_once():
                                                  ({"warmup_ratio": 1.0}, "warmup_ratio")])
 def test_bad_settings_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        TrainSettings(**kwargs)
+        TrainConfig(**kwargs)

@@ -8,12 +8,12 @@ import torch
 from tiny import TINY_LORA, load_tiny, pairwise_samples
 
 from dmoerm.bundle import load_bundle, save_bundle
-from dmoerm.modeling.aggregator import Aggregator, AggregatorSpec
+from dmoerm.modeling.aggregator import Aggregator, AggregatorConfig
 from dmoerm.modeling.reward_model import CategoryModel, RewardModel
 from dmoerm.modeling.router import RouterHead
 from dmoerm.modeling.top import TopStack, attach_experts
 from dmoerm.training.features import TrunkCache
-from dmoerm.training.loop import TrainSettings
+from dmoerm.training.loop import FitHooks, TrainConfig
 from dmoerm.training.phases import capability_groups, train_expert
 
 CAPS = ["empathy", "logic", "brevity"]
@@ -32,12 +32,13 @@ def test_each_expert_trains_only_its_own_adapter_and_value_head(tiny_bert_dir, t
     cache = TrunkCache(backbone, batch_size=8)
     cache.add_samples(samples, progress=False)
     experts = attach_experts(TopStack(backbone), CAPS, TINY_LORA)
-    settings = TrainSettings(lr=1e-2, epochs=1, batch_size=8, max_steps=3, warmup_ratio=0.0)
+    settings = TrainConfig(lr=1e-2, epochs=1, batch_size=8, max_steps=3, warmup_ratio=0.0)
 
     for cap in CAPS:
         before = {n: p.detach().clone() for n, p in experts.named_parameters()}
         groups = capability_groups(samples, cap, cache)
-        result = train_expert(experts, cap, backbone, cache, groups[:9], groups[9:], settings, progress=False)
+        result = train_expert(experts, cap, backbone, cache, groups[:9], groups[9:], settings,
+                              hooks=FitHooks(progress=False))
         assert result.steps == 3
         after = dict(experts.named_parameters())
         changed = {n for n in before if not torch.equal(before[n], after[n])}
@@ -59,7 +60,7 @@ def test_each_expert_trains_only_its_own_adapter_and_value_head(tiny_bert_dir, t
     torch.manual_seed(0)
     model = RewardModel(backbone, RouterHead(backbone.hidden_size, ["chat"]),
                         {"chat": CategoryModel("chat", CAPS, experts, Aggregator(3, backbone.hidden_size))})
-    save_bundle(tmp_path / "bundle", model, lora=TINY_LORA, aggregator=AggregatorSpec(), router_width=0)
+    save_bundle(tmp_path / "bundle", model, lora=TINY_LORA, aggregator=AggregatorConfig(), router_width=0)
     loaded = load_bundle(tmp_path / "bundle").model.categories["chat"].experts
     saved_state, loaded_state = experts.state_dict(), loaded.state_dict()
     assert saved_state.keys() == loaded_state.keys()
@@ -80,4 +81,4 @@ def test_train_expert_refuses_when_other_weights_are_trainable(tiny_bert_dir):
     experts.base_model.model.value_head.original_module.weight.requires_grad_(True)
     groups = capability_groups(samples, "empathy", cache)
     with pytest.raises(RuntimeError, match="trainable parameters outside its adapter"):
-        train_expert(experts, "empathy", backbone, cache, groups, groups, TrainSettings(), progress=False)
+        train_expert(experts, "empathy", backbone, cache, groups, groups, TrainConfig(), hooks=FitHooks(progress=False))

@@ -11,14 +11,13 @@ from torch import nn
 
 import dmoerm.modeling.top as top_module
 import dmoerm.training.phases as phases
-from dmoerm.config import load_config
-from dmoerm.modeling.aggregator import AggregatorSpec
+from dmoerm.modeling.aggregator import AggregatorConfig
 from dmoerm.modeling.top import TopStack, attach_experts
-from dmoerm.pipeline import phase3_stage
 from dmoerm.training.features import TrunkCache
-from dmoerm.training.loop import Group, TrainSettings
+from dmoerm.training.loop import FitHooks, Group, TrainConfig
 
 CAPS = ["empathy", "logic"]
+QUIET = FitHooks(progress=False)
 
 
 @pytest.fixture
@@ -56,8 +55,8 @@ def test_train_aggregator_never_calls_the_experts(setup, monkeypatch):
     calls.update(forward=0, run_experts=0)
     frozen = feats.clone()
     groups = phases.human_groups(samples, cache)
-    agg, result = phases.train_aggregator(feats, groups[:15], groups[15:], AggregatorSpec(),
-                                          TrainSettings(lr=1e-2, epochs=5, batch_size=8, patience=5), progress=False)
+    agg, result = phases.train_aggregator(feats, groups[:15], groups[15:], AggregatorConfig(),
+                                          TrainConfig(lr=1e-2, epochs=5, batch_size=8, patience=5), hooks=QUIET)
     assert result.steps >= 10 and calls == {"forward": 0, "run_experts": 0}
     assert torch.equal(feats, frozen)
     # the paper's shape by default: Linear(K*H, H) -> PReLU -> Linear(H, 1)
@@ -67,18 +66,16 @@ def test_train_aggregator_never_calls_the_experts(setup, monkeypatch):
     assert agg(feats[:4]).shape == (4,)
 
 
-def test_phase3_stage_runs_the_experts_once_per_feature_batch_whatever_the_epochs(setup, monkeypatch):
+def test_phase3_runs_the_experts_once_per_feature_batch_whatever_the_epochs(setup, monkeypatch):
+    """What the ``features`` and ``aggregator`` stages run: features once, then any number of epochs."""
     backbone, samples, cache, experts, calls = setup
     _count_run_experts(monkeypatch, calls)
-    cfg = load_config(data={
-        "taxonomy": [{"name": "chat", "capabilities": CAPS}],
-        "data": {"sources": [{"path": "unused.jsonl", "format": "dmoerm"}]},
-        "labels": {"datasets": {c: [{"path": "unused.jsonl", "format": "dmoerm"}] for c in CAPS}},
-        "model": {"feature_batch_size": 8},
-        "phase3": {"lr": 1e-2, "epochs": 8, "batch_size": 8, "patience": 8},
-    })
-    agg, result = phase3_stage(backbone, cache, experts, CAPS, samples[:14], samples[14:], cfg, progress=False)
+    feats, train, val = phases.phase3_features(experts, CAPS, backbone, cache, samples[:14], samples[14:],
+                                               batch_size=8, progress=False)  # (R, K, H)
+    agg, result = phases.train_aggregator(feats, train, val, AggregatorConfig(),
+                                          TrainConfig(lr=1e-2, epochs=8, batch_size=8, patience=8), hooks=QUIET)
     num_rows = 2 * len(samples)
+    assert feats.shape == (num_rows, 2, backbone.hidden_size)
     assert result.steps >= 8
     assert calls == {"forward": math.ceil(num_rows / 8), "run_experts": math.ceil(num_rows / 8)}
     assert agg.num_experts == 2
@@ -87,5 +84,5 @@ def test_phase3_stage_runs_the_experts_once_per_feature_batch_whatever_the_epoch
 def test_no_phase3_pairs_raises_naming_the_phase():
     feats = torch.zeros(4, 2, 8)
     with pytest.raises(ValueError, match="^phase3: no training pairs"):
-        phases.train_aggregator(feats, [Group([0, 1], []), Group([2, 3], [])], [], AggregatorSpec(), TrainSettings(),
-                                progress=False)
+        phases.train_aggregator(feats, [Group([0, 1], []), Group([2, 3], [])], [], AggregatorConfig(), TrainConfig(),
+                                hooks=QUIET)

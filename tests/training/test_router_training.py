@@ -9,7 +9,7 @@ from tiny import advice_prompt, build_reward_model, pairwise_samples, tiny_backb
 from dmoerm.config import load_config
 from dmoerm.data.records import Sample
 from dmoerm.modeling.router import RouterInput, context_features
-from dmoerm.pipeline import assign_categories, train_router_stage
+from dmoerm.stages.route import assign_categories, train_router_on
 
 
 def _config(router: dict):
@@ -32,7 +32,7 @@ def _splits() -> dict[str, list[Sample]]:
 def test_router_training_and_scoring_read_the_same_features(kind):
     bb = tiny_backbone(kind)
     cfg = _config({"layers": 1, "max_context_tokens": 10})
-    head, metrics = train_router_stage(bb, _splits(), cfg)
+    head, metrics = train_router_on(bb, _splits(), cfg)
     expected = RouterInput(1, 10, "context" if kind == "bert" else "prefix")
     assert head.inputs == expected and "router_val_accuracy" in metrics
     model = build_reward_model(bb, {"chat": ["empathy"], "advice": ["logic"]})

@@ -6,13 +6,12 @@ from dmoerm.data.loaders import (
     Skip,
     SourceConfig,
     load_source,
-    load_sources,
     write_samples,
 )
-from dmoerm.data.records import DataError, Sample, Turn, iter_pairs
+from dmoerm.data.records import DataError, Sample, Turn
 from dmoerm.data.splits import SPLITS, SplitConfig, split_samples
 
 __all__ = [
     "FORMATS", "SPLITS", "DataError", "LoadResult", "Sample", "Skip", "SourceConfig", "SplitConfig", "Turn",
-    "iter_pairs", "load_source", "load_sources", "split_samples", "write_samples",
+    "load_source", "split_samples", "write_samples",
 ]

@@ -444,11 +444,6 @@ def load_source(cfg: SourceConfig) -> LoadResult:
     return result
 
 
-def load_sources(cfgs: list[SourceConfig]) -> list[Sample]:
-    """Load several sources and concatenate their samples (each source's summary is logged)."""
-    return [s for cfg in cfgs for s in load_source(cfg).samples]
-
-
 def write_samples(path_or_uri: str | os.PathLike[str], samples: list[Sample]) -> int:
     """Write canonical JSON lines (gzip if the name ends in ``.gz``) atomically; returns the count."""
     uri = os.fspath(path_or_uri)

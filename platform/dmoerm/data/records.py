@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -113,10 +112,3 @@ class Sample:
                               for k, v in (obj.get("capability_prefs") or {}).items()},
             source=obj.get("source", ""),
         )
-
-
-def iter_pairs(samples: list[Sample]) -> Iterator[tuple[Sample, int, int]]:
-    """Every differently-ranked ``(sample, better, worse)`` triple of a list of samples."""
-    for s in samples:
-        for b, w in s.pairs():
-            yield s, b, w

@@ -52,7 +52,8 @@ class SplitConfig:
         return {name: float(getattr(self, name)) for name in SPLITS}
 
 
-def _order(seed: int, key: str) -> str:
+def hash_order(seed: int, key: str) -> str:
+    """A seeded, input-order-free sort key: ``sha1(f"{seed}:{key}")``."""
     return hashlib.sha1(f"{seed}:{key}".encode()).hexdigest()
 
 
@@ -74,7 +75,7 @@ def split_samples(samples: list[Sample], cfg: SplitConfig | None = None) -> dict
     fractions = list(cfg.fractions().values())
     assigned: dict[str, list[str]] = {name: [] for name in SPLITS}
     for keys in strata.values():
-        keys.sort(key=lambda k: _order(cfg.seed, k))
+        keys.sort(key=lambda k: hash_order(cfg.seed, k))
         cumulative, start = 0.0, 0
         for name, frac in zip(SPLITS, fractions):
             cumulative += frac
@@ -83,6 +84,6 @@ def split_samples(samples: list[Sample], cfg: SplitConfig | None = None) -> dict
             start = end
     out: dict[str, list[Sample]] = {}
     for name, keys in assigned.items():
-        keys.sort(key=lambda k: _order(cfg.seed, k))
+        keys.sort(key=lambda k: hash_order(cfg.seed, k))
         out[name] = [s for k in keys for s in sorted(groups[k], key=lambda s: s.id)]
     return out

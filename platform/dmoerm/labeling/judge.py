@@ -1,4 +1,4 @@
-"""Capability labels from an LLM judge over an OpenAI-compatible chat-completions endpoint (DESIGN.md §2).
+"""Capability labels from an LLM judge over an OpenAI-compatible chat-completions endpoint (arXiv 2403.01197).
 
 For every pair of responses of a sample and every capability point of its category, the judge is asked
 which response is better with respect to that capability, twice, with the two responses swapped; only

@@ -12,7 +12,7 @@ Activation = Literal["prelu", "relu", "gelu", "tanh"]
 
 
 @dataclass
-class AggregatorSpec:
+class AggregatorConfig:
     """Shape of the aggregator: ``Linear(K*H, hidden) -> activation -> dropout -> Linear(hidden, 1)``."""
 
     hidden_size: int | None = None
@@ -31,16 +31,19 @@ class AggregatorSpec:
             raise ValueError(f"aggregator.dropout must be in [0, 1), got {self.dropout}")
 
 
+AggregatorSpec = AggregatorConfig  # the old name, still imported by the serve tests and bench_serve
+
+
 def _activation(name: Activation) -> nn.Module:
     return {"prelu": nn.PReLU, "relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}[name]()
 
 
 class Aggregator(nn.Module):
-    def __init__(self, num_experts: int, hidden_size: int, spec: AggregatorSpec | None = None) -> None:
+    def __init__(self, num_experts: int, hidden_size: int, spec: AggregatorConfig | None = None) -> None:
         super().__init__()
-        spec = spec or AggregatorSpec()
+        spec = spec or AggregatorConfig()
         width = spec.hidden_size or hidden_size
-        self.spec, self.num_experts, self.input_size = spec, num_experts, hidden_size
+        self.spec, self.num_experts = spec, num_experts
         self.net = nn.Sequential(nn.Linear(num_experts * hidden_size, width), _activation(spec.activation),
                                  nn.Dropout(spec.dropout), nn.Linear(width, 1))
 

@@ -17,7 +17,7 @@ from dmoerm.modeling.backbone import Backbone, pool
 
 
 @dataclass
-class LoraSettings:
+class LoraConfig:
     """LoRA hyperparameters of the capability experts (paper: r=32, alpha=32, q/v, dropout 0.05)."""
 
     r: int = 32
@@ -34,6 +34,9 @@ class LoraSettings:
             raise ValueError(f"lora.r and lora.alpha must be >= 1, got r={self.r} alpha={self.alpha}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+LoraSettings = LoraConfig  # the old name, still imported by bench_serve
 
 
 class TopStack(nn.Module):
@@ -70,16 +73,17 @@ def default_target_modules(top: nn.Module) -> list[str]:
     raise ValueError(f"cannot guess LoRA target modules among {sorted(names)}; set lora.target_modules")
 
 
-def attach_experts(top: TopStack, capabilities: list[str], lora: LoraSettings) -> nn.Module:
+def attach_experts(top: TopStack, capabilities: list[str], lora: LoraConfig) -> nn.Module:
     """Wrap ``top`` once and add one adapter per capability; every adapter starts from ``top``'s weights
     (LoRA B = 0) and from a copy of its phase-1 value head."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
 
     if not capabilities:
         raise ValueError("a category needs at least one capability expert")
     if len(set(capabilities)) != len(capabilities):
         raise ValueError(f"duplicate capability names: {capabilities}")
-    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+    cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                      target_modules=lora.target_modules or default_target_modules(top),
                      modules_to_save=["value_head"], bias="none")
     model = get_peft_model(top, cfg, adapter_name=capabilities[0])

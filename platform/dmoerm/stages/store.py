@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,9 @@ def fingerprint_uri(uri: str) -> str:
 
 
 class StageStore:
+    """Stage outputs under ``<root>/stages/<stage>/<key>/``; picklable, so the store itself is what travels
+    to Ray tasks and workers."""
+
     def __init__(self, root: str, local_cache: str | None = None, run_id: str = "") -> None:
         # Absolute: Ray Train and Tune workers run in their own working directories.
         self.root = root.rstrip("/") if storage.is_s3(root) else os.path.abspath(root)
@@ -81,10 +83,6 @@ class StageStore:
         info = {**(info or {}), "run": self.run_id}
         storage.write_bytes(self.uri(stage, key, DONE), json.dumps(info, default=str).encode())
         logger.info("stage %s/%s done", stage, key)
-
-    def reset(self, stage: str, key: str) -> None:
-        """Forget a stage's partial local outputs (before re-running it)."""
-        shutil.rmtree(self.local(stage, key), ignore_errors=True)
 
     # ---- files -------------------------------------------------------------------------------
     def path(self, stage: str, key: str, name: str) -> Path:

@@ -1,13 +1,21 @@
 """One pairwise training loop for every reward head: phase 1, phase 2 experts, the aggregator, the
 single-RM baseline. Length-bucketed batches of whole samples, early stopping on validation pairwise
-accuracy (the best state is restored), seeded, resumable from a state dict at epoch boundaries."""
+accuracy (the best state is restored), seeded, resumable from a state dict at epoch boundaries.
+
+``fit_pairwise`` reads as its pieces: the batch plan (``_Plan``), the optimiser and its schedule
+(``_optimizer``), one optimiser step (``_train_step``), early stopping on the best state (``_Selection``)
+and the epoch checkpoint; what a caller plugs in (metrics, checkpoints, resume, data-parallel shard,
+progress bar) is one ``FitHooks``.
+"""
 
 from __future__ import annotations
 
 import copy
 import logging
 import math
+import os
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -21,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class TrainSettings:
+class TrainConfig:
     """Optimisation settings of one training phase."""
 
     lr: float = 1e-4
@@ -72,6 +80,27 @@ class FitResult:
 
 
 RewardFn = Callable[[Sequence[int]], torch.Tensor]  # global row ids -> (N,) rewards
+MetricFn = Callable[[str, float, int], None]  # (name, value, step)
+KILL_WORKER_ENV = "DMOERM_TEST_KILL_WORKER_AT"
+"""Tests only: ``<desc>:<step>`` makes the fit called ``desc`` kill its process (rank 0) after that
+optimiser step, unless it resumed from a checkpoint: a worker dies once, its replacement carries on."""
+
+
+@dataclass
+class FitHooks:
+    """What a caller plugs into a fit; none of it changes what is learned."""
+
+    log_metric: MetricFn | None = None
+    """Called as ``(f"{desc}/train_loss" or f"{desc}/val_accuracy", value, step)``."""
+    checkpoint: Callable[[dict], None] | None = None
+    """Receives a resumable state dict after every epoch."""
+    resume: dict | None = None
+    """A state dict ``checkpoint`` received: the fit continues from it."""
+    shard: tuple[int, int] = (0, 1)
+    """``(rank, world)``: data-parallel workers see the same seeded batch order and each takes every
+    ``world``-th batch (equal counts, so collective ops stay in step); DDP averages the gradients."""
+    progress: bool = True
+    """A progress bar over the optimiser steps."""
 
 
 def make_batches(groups: Sequence[Group], lengths: Sequence[int], batch_size: int, rng: random.Random
@@ -123,98 +152,142 @@ def evaluate_groups(module: nn.Module, reward_fn: RewardFn, groups: Sequence[Gro
     return (correct / total if total else float("nan")), (loss_sum / total if total else float("nan"))
 
 
+class _Plan:
+    """The seeded batch order of every epoch (this worker's share of it), the step budget and the
+    evaluation points within an epoch."""
+
+    def __init__(self, train: Sequence[Group], lengths: Sequence[int], settings: TrainConfig, seed: int,
+                 shard: tuple[int, int]) -> None:
+        self.train, self.lengths, self.settings, self.seed = train, lengths, settings, seed
+        self.rank, self.world = shard
+        self.steps_per_epoch = len(self.batches(-1))
+        total = settings.epochs * self.steps_per_epoch
+        self.total = total if settings.max_steps is None else min(total, settings.max_steps)
+        n = settings.evals_per_epoch
+        self.eval_points = {round(self.steps_per_epoch * (i + 1) / n) for i in range(n)}
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """Epoch ``epoch``'s batches of group indices (-1: the first batch order, to count steps)."""
+        rng = random.Random(self.seed if epoch < 0 else self.seed * 1000 + epoch)
+        batches = make_batches(self.train, self.lengths, self.settings.batch_size, rng)
+        return batches[self.rank::self.world][: len(batches) // self.world] if self.world > 1 else batches
+
+
+def _optimizer(params: list[nn.Parameter], settings: TrainConfig, total: int
+               ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with a linear warm-up over ``warmup_ratio`` of the steps, then a linear decay to 0."""
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    warmup = int(settings.warmup_ratio * total)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * max(0.0, 1 - max(0, s - warmup) / max(1, total - warmup)))
+    return opt, sched
+
+
+def _train_step(reward_fn: RewardFn, params: list[nn.Parameter], groups: Sequence[Group], chosen: Sequence[int],
+                opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR, grad_clip: float) -> float:
+    """One optimiser step on the batch ``chosen``; returns its loss."""
+    rows, pairs, owner = _flatten(groups, chosen)
+    loss = pairwise_loss(reward_fn(rows), pairs, owner)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
+class _Selection:
+    """Early stopping on validation pairwise accuracy, keeping a copy of the best trainable state. With no
+    validation pairs there is nothing to select on: the latest state is kept and training never stops."""
+
+    def __init__(self, module: nn.Module, params: list[nn.Parameter], patience: int, state: dict) -> None:
+        ids = {id(p) for p in params}
+        self.trainable = {k for k, p in module.named_parameters() if id(p) in ids}
+        self.module, self.patience, self.state = module, patience, state
+
+    def update(self, acc: float, val_loss: float) -> bool:
+        """Record one evaluation; True when training should stop."""
+        s = self.state
+        no_val = math.isnan(acc) and math.isnan(val_loss)
+        score = acc if not math.isnan(acc) else -val_loss if not no_val else -math.inf
+        if no_val or score > s["best"] or s["best_state"] is None:
+            s["best"], s["bad"] = score, 0
+            s["best_state"] = {k: v.detach().clone() for k, v in self.module.state_dict().items()
+                               if k in self.trainable}
+            return False
+        s["bad"] += 1
+        return s["bad"] >= self.patience
+
+    def restore(self) -> float:
+        """Load the best state into the module; returns its validation accuracy (NaN: none)."""
+        if self.state["best_state"] is not None:
+            self.module.load_state_dict({**self.module.state_dict(), **self.state["best_state"]})
+        return self.state["best"] if self.state["best"] != -math.inf else float("nan")
+
+
+def _kill_if_injected(desc: str, step: int, rank: int, resumed: bool) -> None:
+    """The worker-failure injection of :data:`KILL_WORKER_ENV` (tests only)."""
+    target = os.environ.get(KILL_WORKER_ENV, "")
+    if not target or resumed or rank != 0 or target.rpartition(":")[::2] != (desc, str(step)):
+        return
+    logger.warning("%s: %s=%s, this worker dies now", desc, KILL_WORKER_ENV, target)
+    # Ray Train registers a reported checkpoint asynchronously; a real crash comes well after the last one.
+    time.sleep(5)
+    os._exit(1)
+
+
 def fit_pairwise(module: nn.Module, params: list[nn.Parameter], reward_fn: RewardFn,
                  train: Sequence[Group], val: Sequence[Group], lengths: Sequence[int],
-                 settings: TrainSettings, *, seed: int = 0, desc: str = "train",
-                 log_metric: Callable[[str, float, int], None] | None = None,
-                 checkpoint: Callable[[dict], None] | None = None, resume: dict | None = None,
-                 progress: bool = True, shard: tuple[int, int] = (0, 1)) -> FitResult:
-    """Train ``params`` of ``module`` with the pairwise loss; keep the state with the best val accuracy.
-
-    ``checkpoint`` receives a resumable state dict after every epoch; ``resume`` continues from one.
-    ``shard=(rank, world)``: data-parallel workers see the same seeded batch order and take every
-    ``world``-th batch (equal counts, so collective ops stay in step); gradients are averaged by DDP.
-    """
-
-    def epoch_batches(rng: random.Random) -> list[list[int]]:
-        batches = make_batches(train, lengths, settings.batch_size, rng)
-        return batches[rank::world][: len(batches) // world] if world > 1 else batches
-
-    rank, world = shard
+                 settings: TrainConfig, *, seed: int = 0, desc: str = "train", hooks: FitHooks | None = None
+                 ) -> FitResult:
+    """Train ``params`` of ``module`` with the pairwise loss; keep the state with the best val accuracy."""
+    hooks = hooks or FitHooks()
+    rank, world = hooks.shard
     train = [g for g in train if g.pairs]
     if not train:
         raise ValueError(f"{desc}: no training pairs (every sample is a tie or has one response)")
     if len(train) < world:
         raise ValueError(f"{desc}: {len(train)} training samples cannot feed {world} data-parallel workers")
-    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    steps_per_epoch = len(epoch_batches(random.Random(seed)))
-    total = settings.epochs * steps_per_epoch
-    if settings.max_steps is not None:
-        total = min(total, settings.max_steps)
-    warmup = int(settings.warmup_ratio * total)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * max(0.0, 1 - max(0, s - warmup) / max(1, total - warmup)))
-    eval_points = {round(steps_per_epoch * (i + 1) / settings.evals_per_epoch) for i in
-                   range(settings.evals_per_epoch)}
+    plan = _Plan(train, lengths, settings, seed, hooks.shard)
+    opt, sched = _optimizer(params, settings, plan.total)
     state = {"epoch": 0, "step": 0, "best": -math.inf, "best_state": None, "bad": 0, "history": []}
-    resumed_from = 0
-    if resume is not None:
-        state.update({k: resume[k] for k in ("epoch", "step", "best", "best_state", "bad", "history")})
-        module.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optim"])
-        sched.load_state_dict(resume["sched"])
+    if hooks.resume is not None:
+        state.update({k: hooks.resume[k] for k in state})
+        module.load_state_dict(hooks.resume["model"])
+        opt.load_state_dict(hooks.resume["optim"])
+        sched.load_state_dict(hooks.resume["sched"])
         logger.info("%s: resumed at epoch %d, step %d", desc, state["epoch"], state["step"])
     resumed_from = state["step"]
-    names = {id(p) for p in params}
-    trainable = {k for k, p in module.named_parameters() if id(p) in names}
-
-    def snapshot() -> dict:
-        return {k: v.detach().clone() for k, v in module.state_dict().items() if k in trainable}
-
+    selection = _Selection(module, params, settings.patience, state)
+    log = hooks.log_metric or (lambda *_: None)
     stopped = False
-    bar = tqdm(total=total, initial=state["step"], desc=desc, unit="step", disable=not progress, leave=False)
-    while state["epoch"] < settings.epochs and not stopped and state["step"] < total:
-        rng = random.Random(seed * 1000 + state["epoch"])
+    bar = tqdm(total=plan.total, initial=state["step"], desc=desc, unit="step", disable=not hooks.progress,
+               leave=False)
+    while state["epoch"] < settings.epochs and not stopped and state["step"] < plan.total:
         module.train()
-        for i, chosen in enumerate(epoch_batches(rng), start=1):
-            rows, pairs, owner = _flatten(train, chosen)
-            loss = pairwise_loss(reward_fn(rows), pairs, owner)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if settings.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
-            opt.step()
-            sched.step()
+        for i, chosen in enumerate(plan.batches(state["epoch"]), start=1):
+            loss = _train_step(reward_fn, params, train, chosen, opt, sched, settings.grad_clip)
             state["step"] += 1
             bar.update(1)
-            if log_metric:
-                log_metric(f"{desc}/train_loss", loss.item(), state["step"])
-            if i in eval_points or state["step"] >= total:
+            log(f"{desc}/train_loss", loss, state["step"])
+            _kill_if_injected(desc, state["step"], rank, resumed_from > 0)
+            if i in plan.eval_points or state["step"] >= plan.total:
                 acc, vloss = evaluate_groups(module, reward_fn, val, lengths) if val else (float("nan"),) * 2
                 state["history"].append({"step": state["step"], "val_accuracy": acc, "val_loss": vloss,
-                                         "train_loss": loss.item()})
-                if log_metric:
-                    log_metric(f"{desc}/val_accuracy", acc, state["step"])
-                # No validation pairs: nothing to select on, so keep the latest state and never stop early.
-                no_val = math.isnan(acc) and math.isnan(vloss)
-                score = acc if not math.isnan(acc) else -vloss if not no_val else -math.inf
-                if no_val or score > state["best"] or state["best_state"] is None:
-                    state["best"], state["best_state"], state["bad"] = score, snapshot(), 0
-                else:
-                    state["bad"] += 1
-                    if state["bad"] >= settings.patience:
-                        stopped = True
-                        break
-            if state["step"] >= total:
+                                         "train_loss": loss})
+                log(f"{desc}/val_accuracy", acc, state["step"])
+                if stopped := selection.update(acc, vloss):
+                    break
+            if state["step"] >= plan.total:
                 break
         state["epoch"] += 1
-        if checkpoint is not None:
-            checkpoint({**state, "model": module.state_dict(), "optim": opt.state_dict(),
-                        "sched": sched.state_dict()})
+        if hooks.checkpoint is not None:
+            hooks.checkpoint({**state, "model": module.state_dict(), "optim": opt.state_dict(),
+                              "sched": sched.state_dict()})
     bar.close()
-    if state["best_state"] is not None:
-        module.load_state_dict({**module.state_dict(), **state["best_state"]})
+    best = selection.restore()
     module.eval()
-    best = state["best"] if state["best"] != -math.inf else float("nan")
-    return FitResult(best_val_accuracy=best, steps=state["step"], epochs_run=state["step"] / max(1, steps_per_epoch),
-                     stopped_early=stopped, history=copy.deepcopy(state["history"]), resumed_from_step=resumed_from)
+    return FitResult(best_val_accuracy=best, steps=state["step"],
+                     epochs_run=state["step"] / max(1, plan.steps_per_epoch), stopped_early=stopped,
+                     history=copy.deepcopy(state["history"]), resumed_from_step=resumed_from)

@@ -1,4 +1,5 @@
-"""DMoERM's training recipe (DESIGN.md §2) on cached trunk features.
+"""DMoERM's training recipe (arXiv 2403.01197, as the README's "The method, as built" lists it) on cached
+trunk features.
 
 Phase 1 fine-tunes a category's ``TopStack`` (top blocks + value head) on human ranks. Phase 2 adds one
 LoRA adapter per capability to it and trains each adapter with its own value head on that capability's
@@ -17,15 +18,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dmoerm.data.records import Sample
-from dmoerm.modeling.aggregator import Aggregator, AggregatorSpec
+from dmoerm.modeling.aggregator import Aggregator, AggregatorConfig
 from dmoerm.modeling.backbone import Backbone, length_batches
 from dmoerm.modeling.router import RouterHead, RouterInput
 from dmoerm.modeling.top import TopStack, owned_by, run_experts
 from dmoerm.training.features import TrunkCache
-from dmoerm.training.loop import FitResult, Group, TrainSettings, fit_pairwise
+from dmoerm.training.loop import FitHooks, FitResult, Group, MetricFn, TrainConfig, fit_pairwise
 
 logger = logging.getLogger(__name__)
-MetricFn = Callable[[str, float, int], None]
 
 
 def human_groups(samples: Sequence[Sample], cache: TrunkCache) -> list[Group]:
@@ -51,22 +51,21 @@ def top_reward_fn(model: nn.Module, backbone: Backbone, cache: TrunkCache):
 
 
 def train_top(backbone: Backbone, cache: TrunkCache, train: Sequence[Sample], val: Sequence[Sample],
-              settings: TrainSettings, *, seed: int = 0, desc: str = "phase1", log_metric: MetricFn | None = None,
-              init: TopStack | None = None, **fit_kwargs) -> tuple[TopStack, FitResult]:
+              settings: TrainConfig, *, seed: int = 0, desc: str = "phase1", hooks: FitHooks | None = None
+              ) -> tuple[TopStack, FitResult]:
     """Phase 1 (and the single-RM baseline): fine-tune the top blocks and a value head on human ranks."""
     torch.manual_seed(seed)
-    top = init or TopStack(backbone)
+    top = TopStack(backbone)
     result = fit_pairwise(top, [p for p in top.parameters() if p.requires_grad],
                           top_reward_fn(top, backbone, cache), human_groups(train, cache),
-                          human_groups(val, cache), cache.lengths(), settings, seed=seed, desc=desc,
-                          log_metric=log_metric, **fit_kwargs)
+                          human_groups(val, cache), cache.lengths(), settings, seed=seed, desc=desc, hooks=hooks)
     return top, result
 
 
 def train_expert(experts: nn.Module, capability: str, backbone: Backbone, cache: TrunkCache,
-                 train: Sequence[Group], val: Sequence[Group], settings: TrainSettings, *, seed: int = 0,
-                 desc: str | None = None, log_metric: MetricFn | None = None,
-                 wrap: Callable[[nn.Module], nn.Module] | None = None, **fit_kwargs) -> FitResult:
+                 train: Sequence[Group], val: Sequence[Group], settings: TrainConfig, *, seed: int = 0,
+                 desc: str | None = None, hooks: FitHooks | None = None,
+                 wrap: Callable[[nn.Module], nn.Module] | None = None) -> FitResult:
     """Phase 2 for one capability: only its LoRA weights and its own value head are trained.
     ``wrap`` wraps the model for data parallelism (e.g. DDP) in the forward only."""
     torch.manual_seed(seed)
@@ -77,8 +76,7 @@ def train_expert(experts: nn.Module, capability: str, backbone: Backbone, cache:
         raise RuntimeError(f"expert {capability!r}: trainable parameters outside its adapter: {own[:3]}")
     model = wrap(experts) if wrap else experts
     return fit_pairwise(experts, params, top_reward_fn(model, backbone, cache), train, val, cache.lengths(),
-                        settings, seed=seed, desc=desc or f"expert/{capability}", log_metric=log_metric,
-                        **fit_kwargs)
+                        settings, seed=seed, desc=desc or f"expert/{capability}", hooks=hooks)
 
 
 @torch.no_grad()
@@ -113,19 +111,19 @@ def phase3_features(experts: nn.Module, capabilities: list[str], backbone: Backb
 
 
 def train_aggregator(features: torch.Tensor, train: Sequence[Group], val: Sequence[Group],
-                     spec: AggregatorSpec, settings: TrainSettings, *, seed: int = 0, desc: str = "phase3",
-                     log_metric: MetricFn | None = None, **fit_kwargs) -> tuple[Aggregator, FitResult]:
+                     spec: AggregatorConfig, settings: TrainConfig, *, seed: int = 0, desc: str = "phase3",
+                     hooks: FitHooks | None = None) -> tuple[Aggregator, FitResult]:
     """Phase 3 on cached expert features (rows of ``features`` are the groups' row ids)."""
     torch.manual_seed(seed)
     agg = Aggregator(features.size(1), features.size(2), spec)
     lengths = [1] * features.size(0)
     result = fit_pairwise(agg, list(agg.parameters()), lambda rows: agg(features[list(rows)]), train, val,
-                          lengths, settings, seed=seed, desc=desc, log_metric=log_metric, **fit_kwargs)
+                          lengths, settings, seed=seed, desc=desc, hooks=hooks)
     return agg, result
 
 
 def train_router(features: torch.Tensor, labels: torch.Tensor, val_features: torch.Tensor,
-                 val_labels: torch.Tensor, categories: list[str], settings: TrainSettings, *, width: int = 0,
+                 val_labels: torch.Tensor, categories: list[str], settings: TrainConfig, *, width: int = 0,
                  seed: int = 0, log_metric: MetricFn | None = None, inputs: RouterInput | None = None
                  ) -> tuple[RouterHead, dict]:
     """Cross-entropy on logits over categories; early stopping on validation accuracy. ``features`` are

@@ -1,5 +1,10 @@
-"""Submit the pipeline to a Ray cluster through Ray's job submission API, stream its logs, and report
-the job id and the MLflow run. Used by ``dmoerm submit pipeline`` / ``dmoerm status`` / ``dmoerm logs``."""
+"""Submit the pipeline to a Ray cluster through Ray's job API, follow it, read its status and logs:
+``dmoerm submit pipeline`` / ``dmoerm status`` / ``dmoerm logs``.
+
+The one module of the library that talks to Ray, and only through ``ray.job_submission``, imported inside
+the functions: importing it (or ``dmoerm.cli``) needs no Ray. It also knows where the checkout's Ray
+layers (``jobs/``, ``tuning/``, ``serve/``) are and which environment variables a job inherits.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +17,31 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
                "MLFLOW_S3_ENDPOINT_URL", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "MLFLOW_DISABLE_TELEMETRY")
+"""Environment variables a pipeline job and its workers get from the process that starts it."""
+
+
+def forwarded_env() -> dict[str, str]:
+    """The :data:`FORWARD_ENV` variables set here, for a job's ``runtime_env``."""
+    return {k: os.environ[k] for k in FORWARD_ENV if k in os.environ}
+
+
+def checkout_root() -> Path:
+    """The dmoerm checkout holding the Ray layers: ``DMOERM_REPO``, else the folder above ``platform/`` of
+    this (editable) install."""
+    import dmoerm
+
+    root = Path(os.environ.get("DMOERM_REPO") or Path(dmoerm.__file__).resolve().parents[2])
+    if not (root / "jobs" / "run_pipeline.py").exists():
+        raise ValueError(f"no jobs/run_pipeline.py under {root}: run from a dmoerm checkout or set DMOERM_REPO")
+    return root
 
 
 def _client(address: str | None):
     from ray.job_submission import JobSubmissionClient
 
-    address = address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
-    return JobSubmissionClient(address)
+    return JobSubmissionClient(address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265")
 
 
 def stage_working_dir(config: str, overrides: list[str]) -> tuple[str, str]:
@@ -33,33 +53,28 @@ def stage_working_dir(config: str, overrides: list[str]) -> tuple[str, str]:
     from dmoerm.configtools import to_dict
 
     cfg = load_config(config, overrides)
-    if "://" not in cfg.platform.storage_uri:
-        cfg.platform.storage_uri = os.path.abspath(cfg.platform.storage_uri)
-    stage = Path(tempfile.mkdtemp(prefix="dmoerm-job-"))
+    root, stage = checkout_root(), Path(tempfile.mkdtemp(prefix="dmoerm-job-"))
     for pkg in ("jobs", "tuning"):
-        shutil.copytree(REPO / pkg, stage / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(root / pkg, stage / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     (stage / "job_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
     return str(stage), "job_config.yaml"
 
 
-def submit(config: str, overrides: list[str], address: str | None = None, wait: bool = True,
-           extra_args: list[str] | None = None) -> str:
+def submit(config: str, overrides: list[str], address: str | None = None, wait: bool = True) -> str:
+    """Submit ``python -m jobs.run_pipeline`` with the resolved config; stream its logs when ``wait``."""
     import dmoerm
 
     client = _client(address)
     working_dir, cfg_name = stage_working_dir(config, overrides)
-    entrypoint = " ".join(["python -m jobs.run_pipeline --config", cfg_name, *(extra_args or [])])
-    env = {k: os.environ[k] for k in FORWARD_ENV if k in os.environ}
     runtime_env = {"working_dir": working_dir, "py_modules": [str(Path(dmoerm.__file__).resolve().parent)],
-                   "env_vars": env}
+                   "env_vars": forwarded_env()}
     try:
-        job_id = _submit_with_retry(client, entrypoint, runtime_env)
+        job_id = _submit_with_retry(client, f"python -m jobs.run_pipeline --config {cfg_name}", runtime_env)
     finally:
         shutil.rmtree(working_dir, ignore_errors=True)
     print(f"submitted job {job_id}", flush=True)
     if wait:
-        final = follow(job_id, address)
-        print(f"job {job_id}: {final}")
+        print(f"job {job_id}: {follow(job_id, address)}")
     return job_id
 
 
