@@ -104,3 +104,34 @@ def test_dataset_labels_need_a_dataset_for_every_capability():
 def test_bad_taxonomies_and_sources_are_rejected(change, message):
     with pytest.raises(ValueError, match=message):
         load_config(data=_minimal(**change))
+
+
+@pytest.mark.parametrize(("taxonomy", "message"), [
+    ([{"name": "chat/qa", "capabilities": ["x"]}], r"category name 'chat/qa'"),
+    ([{"name": "chat", "capabilities": ["em pathy"]}], r"category 'chat': capability name 'em pathy'"),
+    ([{"name": "chat", "capabilities": ["x", "x"]}], r"lists a capability twice"),
+])
+def test_names_are_validated_where_the_taxonomy_declares_them(taxonomy, message):
+    """Category and capability names become folders, files and adapter names: checked when the config loads,
+    not when the bundle is finally written."""
+    raw = _minimal(taxonomy=taxonomy, labels={"source": "dataset", "datasets": {}})
+    with pytest.raises(ValueError, match=message):
+        load_config(data=raw)
+
+
+def test_category_looks_up_the_taxonomy():
+    cfg = load_config(data=_minimal())
+    assert cfg.category("qa").capabilities == ["logic"]
+    with pytest.raises(ValueError, match=r"unknown category 'poetry'; the taxonomy has \['chat', 'qa'\]"):
+        cfg.category("poetry")
+
+
+def test_paths_are_resolved_once_when_the_config_loads(tmp_path, monkeypatch):
+    """Inputs relative to the config file's folder; storage and output relative to the working directory;
+    URIs untouched."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(DEMO, ["output_dir=out", "platform.storage_uri=store"])
+    assert cfg.output_dir == str(tmp_path / "out") and cfg.platform.storage_uri == str(tmp_path / "store")
+    assert cfg.data.sources[0].path.startswith(str(CONFIGS.parent / "data"))
+    s3 = load_config(data=_minimal(output_dir="s3://b/out", platform={"storage_uri": "s3://b/store"}))
+    assert (s3.output_dir, s3.platform.storage_uri) == ("s3://b/out", "s3://b/store")

@@ -79,6 +79,15 @@ def run_pipeline(ex: Executor) -> tuple[str, str]:
     return data, ex.run(evaluate_step, data, route, categories, tops.get(None), name="evaluate")
 
 
+def stage_outcome(store: StageStore, name: str, key: str, info: dict | None = None) -> tuple[dict, bool]:
+    """A finished stage's DONE info (or ``info``) and whether this run did it (else an earlier run did and
+    this one skipped it), logged as one line."""
+    info = (store.done(name.split("/")[0], key) or {}) if info is None else info
+    ran = info.get("run") == store.run_id
+    logger.info("%-28s %s (%s)", name, "done" if ran else "skipped: finished earlier", key)
+    return info, ran
+
+
 @dataclass
 class LocalExecutor:
     """Every stage in this process, one after the other; what each did and how long it took."""
@@ -93,10 +102,7 @@ class LocalExecutor:
         t0 = time.perf_counter()
         key = step(self.cfg, self.store, *args)
         self.timings[name] = round(time.perf_counter() - t0, 2)
-        info = self.store.done(name.split("/")[0], key) or {}
-        self.ran[name] = info.get("run") == self.store.run_id
-        logger.info("%-28s %s (%s, %.1f s)", name, "done" if self.ran[name] else "skipped: finished earlier", key,
-                    self.timings[name])
+        _, self.ran[name] = stage_outcome(self.store, name, key)
         return key
 
     def run_many(self, step: Step, calls: list[tuple], names: list[str]) -> list[str]:
@@ -117,6 +123,8 @@ class LocalRun:
     report: dict
     bundle_uri: str
     timings: dict[str, float]
+    ran: dict[str, bool]
+    """Stage name -> whether this run did it (False: finished by an earlier run, skipped)."""
 
 
 def train_locally(cfg: PipelineConfig) -> LocalRun:
@@ -130,7 +138,7 @@ def train_locally(cfg: PipelineConfig) -> LocalRun:
     ex = LocalExecutor(cfg, store)
     _, evaluation = run_pipeline(ex)
     uri = publish_bundle(store, evaluation, join_uri(cfg.output_dir, "bundle"))
-    return LocalRun(evaluation, store.get_json("evaluate", evaluation, "report.json"), uri, ex.timings)
+    return LocalRun(evaluation, store.get_json("evaluate", evaluation, "report.json"), uri, ex.timings, ex.ran)
 
 
 def open_store(cfg: PipelineConfig, run_id: str = "") -> StageStore:

@@ -62,3 +62,7 @@ def test_trained_model_gives_the_rank_one_response_the_highest_reward(tmp_path, 
     assert bundle.meta["metrics"]["dmoerm/acc/overall"] == report["dmoerm"]["overall"]["accuracy"]
     assert {"advice/expert/ranking/val_accuracy", "greeting/phase3/val_accuracy"} <= set(bundle.meta["metrics"])
     assert (tmp_path / "run" / "bundle" / "bundle.json").exists() and result.bundle_uri.endswith("bundle")
+    assert all(result.ran.values()) and "search/advice" in result.ran  # the in-process aggregator search ran
+
+    again = train_locally(cfg)  # every stage is finished: nothing runs, the same evaluation comes back
+    assert again.evaluation == result.evaluation and not any(again.ran.values()), again.ran
