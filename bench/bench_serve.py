@@ -11,6 +11,9 @@ at ``--threads``), it is hit by ``--concurrency`` clients posting single-respons
   over ``--repeats``); the load generator, proxy, ingress and router share the same 2 cores with the pool,
   as they would on one node, so the ratio charges the endpoint for all of them;
 - ``max_batch_rows`` / ``mean_batch_rows``: what ``@serve.batch`` coalesced in the pool;
+- ``endpoint_cpu_ms_per_row`` (every Serve process and the load generator) vs ``inprocess_cpu_ms_per_row``,
+  and their ratio ``cpu_efficiency_vs_inprocess``: the same comparison in CPU time, which the neighbours'
+  load on a shared machine disturbs far less than wall time;
 - ``cost_ratio_k5_with_router``: K=5 experts + router vs a single RM on the same rows (bench_scorer's
   definition, CPU time on one thread), target <= 2.0.
 
@@ -81,12 +84,28 @@ async def load(url: str, rows: list[tuple[list[dict], str]], concurrency: int) -
         return time.perf_counter() - t0, latencies, failures
 
 
+def serve_cpu_s() -> float:
+    """CPU seconds used so far by this process and every Ray Serve process (proxy, replicas, controller)."""
+    import psutil
+
+    total = sum(psutil.Process().cpu_times()[:2])
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+            if any(k in cmd for k in ("ServeReplica", "ProxyActor", "ServeController")):
+                total += sum(p.cpu_times()[:2])
+        except psutil.Error:
+            pass
+    return total
+
+
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
-def bench_endpoint(bundle: str, contexts, responses, concurrency: list[int], threads: int, repeats: int) -> dict:
+def bench_endpoint(bundle: str, contexts, responses, concurrency: list[int], threads: int, repeats: int,
+                   extra_args: dict | None = None, pool_replicas: int = 1) -> dict:
     """Each repetition runs in-process scoring and then the endpoint at every concurrency on the same rows, so
     each endpoint/in-process ratio is measured back to back; the figures are medians over repetitions."""
     import ray
@@ -101,8 +120,12 @@ def bench_endpoint(bundle: str, contexts, responses, concurrency: list[int], thr
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}})
     port = 8000 + os.getpid() % 1000
     fixed = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}
-    cfg = load_serve_config(args={"model": bundle, "torch_threads": threads, "reload_interval_s": 0},
-                            deployments={"AdapterPool": fixed, "Router": fixed, "Ingress": fixed}, http={"port": port})
+    pools = {"autoscaling_config": {"min_replicas": pool_replicas, "max_replicas": pool_replicas},
+             "ray_actor_options": {"num_cpus": 1 / pool_replicas}}  # fits a 2-CPU node beside router and ingress
+    pool_threads = max(1, threads // pool_replicas)  # the same cores, split over the replicas
+    cfg = load_serve_config(args={"model": bundle, "torch_threads": pool_threads, "reload_interval_s": 0,
+                                  **(extra_args or {})},
+                            deployments={"AdapterPool": pools, "Router": fixed, "Ingress": fixed}, http={"port": port})
     pool = None
     try:
         deploy(cfg)
@@ -112,25 +135,30 @@ def bench_endpoint(bundle: str, contexts, responses, concurrency: list[int], thr
         pool = serve.get_deployment_handle("AdapterPool", app_name="dmoerm")
         runs: dict[int, list[dict]] = {c: [] for c in concurrency}
         inproc: list[float] = []
+        inproc_cpu: list[float] = []
         for _ in range(repeats):
-            t = time.perf_counter()
+            t, c0 = time.perf_counter(), time.process_time()
             model.score(contexts, responses)
             inproc.append(len(responses) / (time.perf_counter() - t))
+            inproc_cpu.append((time.process_time() - c0) * 1000 / len(responses))
             for c in concurrency:
-                before = pool.batch_stats.remote().result()
+                before, cpu0 = pool.batch_stats.remote().result(), serve_cpu_s()
                 wall, lat, failed = asyncio.run(load(url, rows, c))
+                cpu = (serve_cpu_s() - cpu0) * 1000 / len(rows)
                 after = pool.batch_stats.remote().result()
                 batches = after["batches"] - before["batches"]
                 fig = {"concurrency": c, "endpoint_rows_per_s": len(rows) / wall, "p50_ms": pct(lat, 0.5),
                        "p99_ms": pct(lat, 0.99), "failed": failed, "max_batch_rows": after["max_rows"],
                        "mean_batch_rows": (after["rows"] - before["rows"]) / max(batches, 1),
-                       "endpoint_vs_inprocess": len(rows) / wall / inproc[-1]}
+                       "endpoint_vs_inprocess": len(rows) / wall / inproc[-1], "endpoint_cpu_ms_per_row": cpu,
+                       "cpu_efficiency_vs_inprocess": inproc_cpu[-1] / cpu}
                 print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in fig.items()}), flush=True)
                 runs[c].append(fig)
         med = {c: {k: statistics.median(f[k] for f in figs) for k in figs[0]} for c, figs in runs.items()}
         best = max(med.values(), key=lambda f: f["endpoint_rows_per_s"])
         best["concurrency"] = int(best["concurrency"])
         return best | {"inprocess_rows_per_s": statistics.median(inproc),
+                       "inprocess_cpu_ms_per_row": statistics.median(inproc_cpu),
                        "failed_total": sum(f["failed"] for figs in runs.values() for f in figs)}
     finally:
         del pool
@@ -156,14 +184,22 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--route-in-pool", action="store_true", help="route inside the pool's batches (no Router hop)")
+    p.add_argument("--pool-replicas", type=int, default=1, help="AdapterPool replicas sharing --threads")
+    p.add_argument("--batch-wait-ms", type=float, default=None, help="the pool's batch_wait_timeout_s, in ms")
     args = p.parse_args()
     setup(args.threads)
     contexts, responses = load_rows(args.requests)
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         bundle = build_bundle(Path(tmp))
         cost = bench_cost(bundle, contexts[:32], responses[:32], args.repeats)
-        endpoint = bench_endpoint(bundle, contexts, responses, args.concurrency, args.threads, args.repeats)
-    figures = {**endpoint, "cost_ratio_k5_with_router": cost, "requests": args.requests, "threads": args.threads}
+        extra = {"route_in_pool": args.route_in_pool}
+        if args.batch_wait_ms is not None:
+            extra["batch_wait_timeout_s"] = args.batch_wait_ms / 1000
+        endpoint = bench_endpoint(bundle, contexts, responses, args.concurrency, args.threads, args.repeats, extra,
+                                  args.pool_replicas)
+    figures = {**endpoint, "cost_ratio_k5_with_router": cost, "requests": args.requests, "threads": args.threads,
+               "route_in_pool": args.route_in_pool, "pool_replicas": args.pool_replicas}
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}))
 
 
