@@ -148,7 +148,15 @@ class _ModelHolder:
         return self.served.info() | {"routes_in_pool": in_pool and not multiplexed, "multiplexed": multiplexed}
 
 
-@serve.deployment(name="Router", max_ongoing_requests=256, health_check_period_s=10, health_check_timeout_s=30)
+# Defaults for `serve run serve.app:build_app`; serve/config.yaml states the same values (a test keeps them equal).
+def _autoscale(max_replicas: int, target: int) -> dict:
+    return {"min_replicas": 1, "max_replicas": max_replicas, "target_ongoing_requests": target,
+            "upscale_delay_s": 10, "downscale_delay_s": 120}
+
+
+@serve.deployment(name="Router", max_ongoing_requests=256, health_check_period_s=10, health_check_timeout_s=30,
+                  ray_actor_options={"num_cpus": 0.5},
+                  autoscaling_config=_autoscale(4, 32))
 class Router(_ModelHolder):
     def __init__(self, args: dict) -> None:
         self._init_model(AppArgs.model_validate(args))  # threads: its assigned CPUs
@@ -168,7 +176,9 @@ class Router(_ModelHolder):
         return out
 
 
-@serve.deployment(name="AdapterPool", max_ongoing_requests=256, health_check_period_s=10, health_check_timeout_s=30)
+@serve.deployment(name="AdapterPool", max_ongoing_requests=256, health_check_period_s=10, health_check_timeout_s=30,
+                  graceful_shutdown_timeout_s=30, ray_actor_options={"num_cpus": 1},
+                  autoscaling_config=_autoscale(8, 32))
 class AdapterPool(_ModelHolder):
     def __init__(self, args: dict) -> None:
         from ray.serve.metrics import Histogram
@@ -357,7 +367,8 @@ class _Served:
         self.categories, self.max_length = info["categories"], info["max_length"]
 
 
-@serve.deployment(name="Ingress", max_ongoing_requests=512)
+@serve.deployment(name="Ingress", max_ongoing_requests=512, ray_actor_options={"num_cpus": 0.25},
+                  autoscaling_config=_autoscale(4, 64))
 @serve.ingress(fastapi_app)
 class Ingress:
     def __init__(self, args: dict, router: DeploymentHandle, pool: DeploymentHandle) -> None:
