@@ -25,7 +25,7 @@ import ray
 
 from dmoerm import registry
 from dmoerm.config import PipelineConfig, load_config
-from dmoerm.pipeline import Step, open_store, run_pipeline
+from dmoerm.pipeline import Step, open_store, run_pipeline, stage_outcome
 from dmoerm.stages.phase3 import search_step
 from dmoerm.stages.store import StageStore
 from dmoerm.stages.train import ExpertInputs, expert_key
@@ -35,7 +35,6 @@ from jobs.label_judge import RayLabeler
 from jobs.train_experts import fit_expert
 from tuning.search_aggregator import search_aggregator
 
-logger = logging.getLogger("dmoerm.jobs")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -58,14 +57,9 @@ class RayExecutor:
         self.ran: dict[str, bool] = {}
         self.experts: dict[str, dict] = {}
 
-    def _ran(self, name: str, key: str, info: dict) -> bool:
-        self.ran[name] = info.get("run") == self.store.run_id
-        logger.info("%-28s %s (%s)", name, "done" if self.ran[name] else "skipped: finished earlier", key)
-        return self.ran[name]
-
     def _record(self, name: str, key: str, run_id: str | None = None) -> None:
-        info = self.store.done(name.split("/")[0], key) or {}
-        self.tracker.log_stage(name, key, info, self._ran(name, key, info), run_id)
+        info, self.ran[name] = stage_outcome(self.store, name, key)
+        self.tracker.log_stage(name, key, info, self.ran[name], run_id)
 
     def run(self, step: Step, *args: Any, name: str) -> str:
         return self.run_many(step, [args], [name])[0]
@@ -81,7 +75,8 @@ class RayExecutor:
         infos = ray.get([fit_expert.remote(self.cfg, self.store, i, k) for i, k in zip(inputs, keys)])
         for i, key, info in zip(inputs, keys, infos):
             name = f"experts/{i.category}/{i.capability}"
-            self.tracker.log_expert(name, key, info, self._ran(name, key, info))
+            _, self.ran[name] = stage_outcome(self.store, name, key, info)
+            self.tracker.log_expert(name, key, info, self.ran[name])
             self.experts[f"{i.category}/{i.capability}"] = {k: info.get(k) for k in ("resumed_from_step", "steps",
                                                                                      "workers", "val_accuracy")}
         return keys
@@ -133,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     name, t0 = cfg.platform.registered_model or cfg.name, time.time()
     try:
         ex = RayExecutor(cfg, store, tracker)
-        _, evaluation = run_pipeline(ex)
-        tracker.log_evaluation(store.get_json("evaluate", evaluation, "report.json"))
+        evaluation = run_pipeline(ex)
+        report = store.get_json("evaluate", evaluation, "report.json")
+        tracker.log_evaluation(report)
         version, decision = registry.register_evaluation(tracker.client, tracker.tracking_uri, tracker.run_id,
                                                          name, cfg.platform, store, evaluation)
     except BaseException:
@@ -143,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     ex.ran["register"] = not decision.get("skipped", False)
     tracker.log_metrics(tracker.run_id, {"pipeline_seconds": time.time() - t0})
     tracker.finish(tracker.run_id)
-    print("\n" + store.get_json("evaluate", evaluation, "report.json")["table"])
+    print("\n" + report["table"])
     print(f"\nregistered {name} version {version}: "
           f"{'promoted to @' + cfg.platform.alias if decision['promote'] else 'not promoted'} - {decision['reason']}")
     print(f"MLflow run: {tracker.run_id} (experiment {cfg.platform.experiment}, tracking {tracker.tracking_uri})")

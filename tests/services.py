@@ -4,7 +4,7 @@
 - ``postgres_server``: a private PostgreSQL 15 on 127.0.0.1; yields its SQLAlchemy URL.
 - ``mlflow_server_pg``: ``mlflow server`` on that PostgreSQL with artifacts in a bucket of moto's S3 server
   (the ``s3_server`` fixture of ``fixtures_s3``, which the conftest must import too),
-  i.e. the scaled deployment's shape (DESIGN.md §4) on one machine.
+  i.e. the scaled deployment's shape (an MLflow server on PostgreSQL with S3 artifacts) on one machine.
 
 Everything binds to 127.0.0.1 on a free port and is removed at the end of the session. Import the fixtures
 into a ``conftest.py`` (``from services import mlflow_server  # noqa: F401``); the helpers

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny import pairwise_samples, ranked_records, write_jsonl
+from tiny import hh_records, pairwise_samples, ranked_records, write_jsonl
 
 from dmoerm.cli import main
 from dmoerm.data.loaders import write_samples
@@ -93,6 +93,33 @@ def test_evaluate_on_another_format(tiny_bundle, tmp_path, capsys):
     data = write_jsonl(tmp_path / "ranked.jsonl", ranked_records(2))
     assert main(["evaluate", "--bundle", tiny_bundle[0], "--data", data, "--format", "dmoerm"]) == 0
     assert any(line.split()[:2] == ["overall", "6"] for line in capsys.readouterr().out.splitlines())
+
+
+@pytest.mark.slow
+def test_label_and_train_commands_on_a_tiny_config(tmp_path, tiny_bert_dir, capsys, monkeypatch):
+    import yaml
+
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # what --no-progress sets; restored afterwards
+    hh = write_jsonl(tmp_path / "hh.jsonl", hh_records(60))
+    quick = {"lr": 3e-3, "epochs": 1, "batch_size": 16, "patience": 1}
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "tiny-cli", "output_dir": str(tmp_path / "run"),
+        "taxonomy": [{"name": "greeting", "capabilities": ["politeness"]}],
+        "data": {"sources": [{"path": hh, "format": "hh", "category": "greeting"}]},
+        "labels": {"source": "dataset", "datasets": {"politeness": [{"path": hh, "format": "hh"}]}},
+        "model": {"base": tiny_bert_dir, "max_length": 48, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+        "phase1": quick, "phase2": quick, "phase3": quick,
+        "platform": {"storage_uri": str(tmp_path / "storage"), "tune": {"num_samples": 2, "max_epochs": 2,
+                                                                          "grace_period": 1}}}))
+    labelled = tmp_path / "labelled.jsonl"
+    assert main(["label", "--config", str(config), "--output", str(labelled)]) == 0
+    assert json.loads(capsys.readouterr().out)["written"] == len(labelled.read_text().splitlines()) > 0
+    assert main(["train", "--config", str(config), "--no-progress", "phase2.epochs=2"]) == 0
+    out = capsys.readouterr().out
+    assert "DMoERM vs single RM" in out and f"bundle written to: {tmp_path / 'run' / 'bundle'}" in out
+    assert (tmp_path / "run" / "bundle" / "bundle.json").exists()
+    assert (tmp_path / "storage" / "stages" / "search").is_dir()  # the in-process aggregator search ran
 
 
 def test_module_entry_point_help():

@@ -56,8 +56,8 @@ class Executor(Protocol):
         """The aggregator search of one category (``search_step`` with this executor's search); its key."""
 
 
-def run_pipeline(ex: Executor) -> tuple[str, str]:
-    """The stage order, for every executor; returns the data and evaluation keys."""
+def run_pipeline(ex: Executor) -> str:
+    """The stage order, for every executor; returns the key of the ``evaluate`` stage (bundle, report)."""
     cfg = ex.cfg
     data = ex.run(data_step, name="data")
     route = ex.run(route_step, data, name="route")
@@ -76,7 +76,7 @@ def run_pipeline(ex: Executor) -> tuple[str, str]:
         search = ex.search(feats, c.name) if cfg.platform.tune.enabled else None
         agg = ex.run(aggregator_step, feats, search, name=f"aggregator/{c.name}")
         categories[c.name] = CategoryKeys(tops[c.name], keys, agg)
-    return data, ex.run(evaluate_step, data, route, categories, tops.get(None), name="evaluate")
+    return ex.run(evaluate_step, data, route, categories, tops.get(None), name="evaluate")
 
 
 def stage_outcome(store: StageStore, name: str, key: str, info: dict | None = None) -> tuple[dict, bool]:
@@ -136,7 +136,7 @@ def train_locally(cfg: PipelineConfig) -> LocalRun:
 
     store = open_store(cfg, run_id=f"local-{uuid.uuid4().hex[:12]}")
     ex = LocalExecutor(cfg, store)
-    _, evaluation = run_pipeline(ex)
+    evaluation = run_pipeline(ex)
     uri = publish_bundle(store, evaluation, join_uri(cfg.output_dir, "bundle"))
     return LocalRun(evaluation, store.get_json("evaluate", evaluation, "report.json"), uri, ex.timings, ex.ran)
 

@@ -3,6 +3,8 @@ training row, computed once; phase 1 per category (and the single-RM baseline); 
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -114,7 +116,7 @@ def adapter_tensors(experts: nn.Module, capability: str) -> dict[str, torch.Tens
 
 
 def train_expert_step(cfg: PipelineConfig, store: StageStore, inputs: ExpertInputs, key: str, hooks: FitHooks,
-                      wrap=None) -> FitResult:
+                      wrap: Callable[[nn.Module], nn.Module] | None = None) -> FitResult:
     """Train one capability expert; rank 0 of ``hooks.shard`` then saves it under ``key`` (its own tensors,
     its training curves, DONE). ``wrap`` wraps the model for data parallelism (e.g. DDP)."""
     rank, world = hooks.shard
@@ -133,7 +135,7 @@ def train_expert_step(cfg: PipelineConfig, store: StageStore, inputs: ExpertInpu
     result = train_expert(experts, cap, backbone_for(cfg), cache, capability_groups(train, cap, cache),
                           capability_groups(val, cap, cache), cfg.phase2, seed=cfg.seed,
                           desc=f"{inputs.category}/expert/{cap}", wrap=wrap,
-                          hooks=FitHooks(log_metric, hooks.checkpoint, hooks.resume, hooks.shard, hooks.progress))
+                          hooks=dataclasses.replace(hooks, log_metric=log_metric))
     if rank == 0:
         resumed = {"resumed_from_step": result.resumed_from_step, "workers": world}
         info = {"val_accuracy": result.best_val_accuracy, "steps": result.steps, **resumed}
