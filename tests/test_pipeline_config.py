@@ -1,4 +1,4 @@
-"""The typed pipeline config: every shipped config loads; overrides are typed; errors name the field."""
+"""The typed pipeline config (dmoerm.config): every shipped config loads; overrides are typed; errors name the field."""
 
 from __future__ import annotations
 
