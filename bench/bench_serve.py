@@ -38,11 +38,11 @@ from _common import REPO, build_category, interleaved, load_rows, median_ratio, 
 
 from dmoerm.bundle import load_bundle, save_bundle
 from dmoerm.config import load_config
-from dmoerm.modeling.aggregator import AggregatorSpec
+from dmoerm.modeling.aggregator import AggregatorConfig
 from dmoerm.modeling.backbone import load_backbone
 from dmoerm.modeling.reward_model import RewardModel, SingleRewardModel
 from dmoerm.modeling.router import RouterHead, RouterInput
-from dmoerm.modeling.top import LoraSettings, TopStack
+from dmoerm.modeling.top import LoraConfig, TopStack
 
 sys.path.insert(0, str(REPO))
 NUM_EXPERTS, MAX_LENGTH = 5, 128
@@ -56,7 +56,7 @@ def build_bundle(folder: Path) -> str:
     inputs = RouterInput(router_spec.layers, router_spec.max_context_tokens, router_spec.source)
     router = RouterHead(backbone.hidden_size, list(cats), width=router_spec.width, inputs=inputs).eval()
     model = RewardModel(backbone, router, cats, batch_size=32)
-    return save_bundle(folder / "bundle", model, lora=LoraSettings(), aggregator=AggregatorSpec(),
+    return save_bundle(folder / "bundle", model, lora=LoraConfig(), aggregator=AggregatorConfig(),
                        router_width=router_spec.width, baseline=TopStack(backbone))
 
 

@@ -37,13 +37,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from dmoerm.client import RewardClient
     from dmoerm.config import load_config
-    from dmoerm.tracking import default_tracking_uri
+    from dmoerm.tracking import tracking_uri_of
     from serve.deploy import curl_example, deploy, load_serve_config
 
     cfg = load_config(args.config)
-    storage = cfg.platform.storage_uri
-    storage = storage if "://" in storage else os.path.abspath(storage)  # as jobs.run_pipeline resolves it
-    tracking = cfg.platform.mlflow_tracking_uri or default_tracking_uri(storage)
+    tracking = tracking_uri_of(cfg.platform)
     name = cfg.platform.registered_model or cfg.name
     model = f"models:/{name}/{latest_version(tracking, name)}"
     print(f"\nserving {model} (Ray Serve: ingress, router, adapter pool) ...", flush=True)

@@ -29,10 +29,15 @@ def default_tracking_uri(storage_uri: str) -> str:
     return f"sqlite:///{(base / 'mlflow.db').resolve()}"
 
 
+def tracking_uri_of(platform: PlatformConfig) -> str:
+    """``platform.mlflow_tracking_uri``, or the embedded default beside the storage."""
+    return platform.mlflow_tracking_uri or default_tracking_uri(platform.storage_uri)
+
+
 def open_tracker(platform: PlatformConfig, run_name: str) -> Tracker:
     """A new parent run at ``platform.mlflow_tracking_uri``, or at the embedded default
     (``default_tracking_uri``) with its artifacts in ``mlartifacts/`` beside the SQLite file."""
-    uri = platform.mlflow_tracking_uri or default_tracking_uri(platform.storage_uri)
+    uri = tracking_uri_of(platform)
     artifacts = None
     if uri.startswith("sqlite:"):
         artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()

@@ -45,11 +45,11 @@ def make_bundle(folder: Path, base: str, seed: int) -> str:
     from tiny import TINY_LORA, build_reward_model, load_tiny
 
     from dmoerm.bundle import save_bundle
-    from dmoerm.modeling.aggregator import AggregatorSpec
+    from dmoerm.modeling.aggregator import AggregatorConfig
 
     backbone = load_tiny(base)
     model = build_reward_model(backbone, TAXONOMY, seed=seed)
-    return save_bundle(folder / f"bundle-{seed}", model, lora=TINY_LORA, aggregator=AggregatorSpec(), router_width=0)
+    return save_bundle(folder / f"bundle-{seed}", model, lora=TINY_LORA, aggregator=AggregatorConfig(), router_width=0)
 
 
 def register(tracking_uri: str, bundle: str) -> str:

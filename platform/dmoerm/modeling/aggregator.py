@@ -31,7 +31,6 @@ class AggregatorConfig:
             raise ValueError(f"aggregator.dropout must be in [0, 1), got {self.dropout}")
 
 
-AggregatorSpec = AggregatorConfig  # the old name, still imported by the serve tests and bench_serve
 
 
 def _activation(name: Activation) -> nn.Module:

@@ -36,7 +36,6 @@ class LoraConfig:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
 
 
-LoraSettings = LoraConfig  # the old name, still imported by bench_serve
 
 
 class TopStack(nn.Module):

@@ -1,4 +1,4 @@
-"""The reward server's HTTP contract (DESIGN.md §5) as pydantic models: requests, responses and errors.
+"""The reward server's HTTP contract as pydantic models: requests, responses and errors.
 
 Three ways in, one scorer behind them:
 

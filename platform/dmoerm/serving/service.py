@@ -91,8 +91,10 @@ class Conversation:
 # ---- the model ------------------------------------------------------------------------------------------
 @dataclass
 class ServedModel:
-    """A loaded bundle with its registry identity. Forward passes are serialised by a lock: one replica runs
-    one batch at a time on its threads, and a stuck forward makes the health probe wait (and fail)."""
+    """A loaded bundle with its registry identity. Forward passes are serialised by a lock, shared by every
+    model on the same base (its category subsets): one replica runs one batch at a time on its threads (the
+    backbone's split is a forward hook, not safe to run twice at once), and a stuck forward makes the
+    health probe wait (and fail)."""
 
     name: str
     version: str
@@ -119,9 +121,10 @@ class ServedModel:
         if category not in self.categories:
             raise ValueError(f"unknown category {category!r}; this model has {sorted(self.categories)}")
         model = self.model
-        loaded = load_bundle(self.path, backbone=model.backbone, batch_size=model.batch_size,
-                             categories=[category], check_fingerprint=False)
-        return ServedModel(self.name, self.version, self.uri, loaded, self.path)
+        with self.lock:  # no forward runs on the shared base meanwhile (its split hooks must not be copied)
+            loaded = load_bundle(self.path, backbone=model.backbone, batch_size=model.batch_size,
+                                 categories=[category], check_fingerprint=False)
+        return ServedModel(self.name, self.version, self.uri, loaded, self.path, self.lock)
 
     @property
     def model(self):
