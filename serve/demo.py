@@ -61,10 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  .venv/bin/dmoerm serve --model {model} --tracking-uri {tracking}")
         print(f"  {curl_example(url)}")
     finally:
-        from ray import serve
-
-        serve.shutdown()
-        ray.shutdown()
+        ray.shutdown()  # ends Serve with it (a separate serve.shutdown() only adds Ray's retry warnings)
     return 0
 
 
