@@ -105,7 +105,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 def bench_endpoint(bundle: str, contexts, responses, concurrency: list[int], threads: int, repeats: int,
-                   extra_args: dict | None = None, pool_replicas: int = 1) -> dict:
+                   extra_args: dict | None = None, pool_replicas: int = 1, pool_threads: int | None = None) -> dict:
     """Each repetition runs in-process scoring and then the endpoint at every concurrency on the same rows, so
     each endpoint/in-process ratio is measured back to back; the figures are medians over repetitions."""
     import ray
@@ -122,7 +122,7 @@ def bench_endpoint(bundle: str, contexts, responses, concurrency: list[int], thr
     fixed = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}
     pools = {"autoscaling_config": {"min_replicas": pool_replicas, "max_replicas": pool_replicas},
              "ray_actor_options": {"num_cpus": 1 / pool_replicas}}  # fits a 2-CPU node beside router and ingress
-    pool_threads = max(1, threads // pool_replicas)  # the same cores, split over the replicas
+    pool_threads = pool_threads or max(1, threads // pool_replicas)  # default: the same cores, split
     cfg = load_serve_config(args={"model": bundle, "torch_threads": pool_threads, "reload_interval_s": 0,
                                   **(extra_args or {})},
                             deployments={"AdapterPool": pools, "Router": fixed, "Ingress": fixed}, http={"port": port})
@@ -186,6 +186,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--route-in-pool", action="store_true", help="route inside the pool's batches (no Router hop)")
     p.add_argument("--pool-replicas", type=int, default=1, help="AdapterPool replicas sharing --threads")
+    p.add_argument("--pool-threads", type=int, default=None, help="torch threads per pool replica (default: "
+                                                                   "--threads split over the replicas)")
     p.add_argument("--batch-wait-ms", type=float, default=None, help="the pool's batch_wait_timeout_s, in ms")
     args = p.parse_args()
     setup(args.threads)
@@ -197,9 +199,11 @@ def main() -> None:
         if args.batch_wait_ms is not None:
             extra["batch_wait_timeout_s"] = args.batch_wait_ms / 1000
         endpoint = bench_endpoint(bundle, contexts, responses, args.concurrency, args.threads, args.repeats, extra,
-                                  args.pool_replicas)
+                                  args.pool_replicas, args.pool_threads)
     figures = {**endpoint, "cost_ratio_k5_with_router": cost, "requests": args.requests, "threads": args.threads,
-               "route_in_pool": args.route_in_pool, "pool_replicas": args.pool_replicas}
+               "route_in_pool": args.route_in_pool, "pool_replicas": args.pool_replicas,
+               "pool_threads": args.pool_threads or max(1, args.threads // args.pool_replicas),
+               "batch_wait_ms": args.batch_wait_ms}
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}))
 
 
