@@ -33,8 +33,9 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from dmoerm.modeling.reward_model import Score
 from dmoerm.serving import api, service
-from dmoerm.serving.service import Conversation, Row, RowScore, ServedModel, ServeLimits
+from dmoerm.serving.service import Conversation, Row, ServedModel, ServeLimits
 
 logger = logging.getLogger("dmoerm.serve")
 
@@ -77,7 +78,7 @@ class ScoreRequest:
 
 @dataclass
 class ScoreResult:
-    scores: list[RowScore]
+    scores: list[Score]
     name: str
     version: str
     rerouted: bool = False
@@ -418,7 +419,7 @@ class Ingress:
         self.latency.observe((time.perf_counter() - t0) * 1000, tags={"route": route})
         return response
 
-    async def _score(self, convs: list[Conversation], info: dict) -> tuple[list[list[RowScore]], str, str]:
+    async def _score(self, convs: list[Conversation], info: dict) -> tuple[list[list[Score]], str, str]:
         """Route (once per conversation, unless forced or single-category), then score every row in one pool call."""
         todo = [c for c in convs if c.category is None]
         routed_version = None
@@ -461,7 +462,7 @@ class Ingress:
             return failed
         if len({r.version for r in results}) > 1:  # a reload landed between the groups: score them again
             return await self._score_rows(rows, overrides, routed_version, info)
-        scores: list[RowScore | None] = [None] * len(rows)
+        scores: list[Score | None] = [None] * len(rows)
         for (_, idx), res in zip(groups.items(), results):
             for i, sc in zip(idx, res.scores):
                 scores[i] = sc

@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from dmoerm.data.records import Turn
+from dmoerm.modeling.reward_model import Score
 from dmoerm.serving.api import (
     ClassifyData,
     ClassifyRequest,
@@ -60,17 +61,6 @@ class Row:
     context: list[Turn]
     response: str
     category: str | None = None
-
-
-@dataclass
-class RowScore:
-    reward: float
-    category: str
-    category_prob: float
-    capability_scores: dict[str, float]
-    tokens: int = 0
-    context_tokens_dropped: int = 0
-    response_tokens_dropped: int = 0
 
 
 @dataclass
@@ -151,16 +141,14 @@ class ServedModel:
             names, probs, _ = self.model.route(contexts)
         return list(zip(names, probs))
 
-    def score_rows(self, rows: list[Row]) -> list[RowScore]:
+    def score_rows(self, rows: list[Row]) -> list[Score]:
         """All rows in one call of the batched scorer (rows without a category are routed there)."""
         if not rows:
             return []
         with self.lock:
             scores = self.model.score([r.context for r in rows], [r.response for r in rows],
                                       [r.category for r in rows])
-        return [RowScore(s.reward, s.category, s.category_prob, dict(s.capability_scores),
-                         int(getattr(s, "tokens", 0)), int(getattr(s, "context_tokens_dropped", 0)),
-                         int(getattr(s, "response_tokens_dropped", 0))) for s in scores]
+        return list(scores)
 
     def probe(self) -> float:
         """A real forward pass on a fixed row (the health check): its reward, which must be finite."""
@@ -281,7 +269,7 @@ def _source(conv: Conversation, served_categories: int) -> str:
     return "single" if served_categories == 1 else "router"
 
 
-def reward_result(conv: Conversation, scores: list[RowScore], num_categories: int) -> RewardResult:
+def reward_result(conv: Conversation, scores: list[Score], num_categories: int) -> RewardResult:
     first = scores[0]
     trunc = [Truncation(tokens=s.tokens, context_tokens_dropped=s.context_tokens_dropped,
                         response_tokens_dropped=s.response_tokens_dropped) for s in scores]
@@ -292,7 +280,7 @@ def reward_result(conv: Conversation, scores: list[RowScore], num_categories: in
                         truncation=trunc)
 
 
-def get_reward_response(scores: list[RowScore], categories: dict[str, list[str]]) -> GetRewardResponse:
+def get_reward_response(scores: list[Score], categories: dict[str, list[str]]) -> GetRewardResponse:
     """OpenRLHF reads ``rewards`` (and ``scores``) and averages every ``extra_logs`` list into its logs, so
     every list has one number per query: the routed category as its index (``category_index``; the names
     are in ``GET /v1/models``), its probability, and each capability's expert score (0.0 where the routed
@@ -312,7 +300,7 @@ def get_reward_response(scores: list[RowScore], categories: dict[str, list[str]]
     return GetRewardResponse(rewards=rewards, scores=list(rewards), extra_logs=extra)
 
 
-def classify_response(req: ClassifyRequest, scores: list[RowScore], served: ServedModel) -> ClassifyResponse:
+def classify_response(req: ClassifyRequest, scores: list[Score], served: ServedModel) -> ClassifyResponse:
     activate = req.use_activation is not False
     data = [ClassifyData(index=i, label=s.category,
                          probs=[1.0 / (1.0 + math.exp(-s.reward)) if activate else s.reward])
@@ -322,7 +310,7 @@ def classify_response(req: ClassifyRequest, scores: list[RowScore], served: Serv
                             data=data, usage=Usage(prompt_tokens=tokens, total_tokens=tokens))
 
 
-def split_scores(convs: list[Conversation], flat: list[RowScore]) -> list[list[RowScore]]:
+def split_scores(convs: list[Conversation], flat: list[Score]) -> list[list[Score]]:
     out, k = [], 0
     for c in convs:
         out.append(flat[k: k + len(c.responses)])
