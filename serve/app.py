@@ -134,9 +134,9 @@ class _ModelHolder:
 
     def _load(self, version: str | None) -> ServedModel:
         return ServedModel.load(self.args.model, self.tracking_uri, version, self.args.base,
-                                self.args.scorer_batch_size, categories=self._resident_categories())
+                                self.args.scorer_batch_size, resident=self._resident())
 
-    def _resident_categories(self) -> list[str] | None:
+    def _resident(self) -> int | None:
         return None  # every category
 
     async def check_health(self) -> None:
@@ -200,15 +200,9 @@ class AdapterPool(_ModelHolder):
         """This replica's batching figures (benchmarks and tests read them through a handle)."""
         return dict(self.stats, replica=serve.get_replica_context().replica_id.unique_id)
 
-    def _resident_categories(self) -> list[str] | None:
+    def _resident(self) -> int | None:
         """Multiplexed: the replica's own model holds one category (its probe and base); others load on demand."""
-        if self.args.categories_per_replica is None:
-            return None
-        from dmoerm.bundle import read_meta
-        from dmoerm.serving.source import resolve_model
-
-        ref = resolve_model(self.args.model, self.tracking_uri)
-        return [read_meta(ref.path)["taxonomy"][0]["name"]]
+        return None if self.args.categories_per_replica is None else 1
 
     @serve.multiplexed(max_num_models_per_replica=2)
     async def category_model(self, category: str) -> ServedModel:

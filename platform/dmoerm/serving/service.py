@@ -95,12 +95,15 @@ class ServedModel:
 
     @classmethod
     def load(cls, uri: str, tracking_uri: str | None = None, version: str | None = None, base: str | None = None,
-             batch_size: int = 32, categories: list[str] | None = None) -> ServedModel:
-        """Resolve and load ``uri``; ``categories`` loads only those categories' experts (None: all)."""
-        from dmoerm.bundle import load_bundle
+             batch_size: int = 32, resident: int | None = None) -> ServedModel:
+        """Resolve and load ``uri``; ``resident`` loads only the first that many categories' experts (None: all)."""
+        from dmoerm.bundle import load_bundle, read_meta
         from dmoerm.serving.source import resolve_model
 
         ref = resolve_model(uri, tracking_uri, version)
+        categories = None
+        if resident is not None:
+            categories = [c["name"] for c in read_meta(ref.path)["taxonomy"]][:resident]
         loaded = load_bundle(ref.path, base=base, batch_size=batch_size, categories=categories)
         return cls(ref.name, ref.version, uri, loaded, ref.path)
 
