@@ -4,17 +4,16 @@ Both models are scored on the same preference pairs; a pair is "correct" when th
 response above the rejected one. The rule is a paired bootstrap over pairs (the same resampled pair ids for
 both models): promote only when the lower bound of the confidence interval of
 ``accuracy(candidate) - accuracy(incumbent)`` is above zero AND no category got worse than the incumbent by
-more than ``category_tolerance`` (point estimate). Pure: no MLflow, no Ray; torch only for the resampling.
+more than ``category_tolerance`` (point estimate). Pure: no MLflow, no Ray.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-_CHUNK = 256  # bootstrap resamples drawn per batch, bounds memory to _CHUNK * num_pairs indices
+from dmoerm.significance import check_same_pairs, paired_bootstrap
 
 
 class PairOutcome(NamedTuple):
@@ -37,7 +36,7 @@ class PromotionConfig:
     confidence: float = 0.95
     """Two-sided confidence level of the bootstrap interval of the accuracy difference, in (0, 1)."""
     num_bootstrap: int = 2000
-    """Number of paired bootstrap resamples (at least 100)."""
+    """Number of paired bootstrap resamples of the evaluation samples (at least 100)."""
     category_tolerance: float = 0.02
     """Largest accepted drop of any category's accuracy versus the incumbent (point estimate), in [0, 1]."""
     seed: int = 0
@@ -94,15 +93,16 @@ def decide(candidate: PairOutcomes, incumbent: PairOutcomes, cfg: PromotionConfi
     inc = [bool(incumbent[p][1]) for p in pair_ids]
     num_pairs = len(pair_ids)
 
-    diffs = [int(c) - int(i) for c, i in zip(cand, inc)]  # per pair in {-1, 0, 1}
-    delta = sum(diffs) / num_pairs
-    ci_low, ci_high = _paired_bootstrap_interval(diffs, cfg)
+    interval = paired_bootstrap(dict(zip(pair_ids, cand)), dict(zip(pair_ids, inc)), confidence=cfg.confidence,
+                                num_bootstrap=cfg.num_bootstrap, seed=cfg.seed)
+    delta, ci_low, ci_high = interval.delta, interval.low, interval.high
     per_category = _per_category(pair_ids, candidate, cand, inc)
 
     acc_cand, acc_inc = sum(cand) / num_pairs, sum(inc) / num_pairs
     level = f"{cfg.confidence:.0%}"
     summary = (
         f"candidate accuracy {acc_cand:.3f} vs incumbent {acc_inc:.3f} on {num_pairs} pairs "
+        f"of {interval.num_samples} samples "
         f"(delta {delta:+.3f}, {level} CI [{ci_low:+.3f}, {ci_high:+.3f}])"
     )
     worse = {
@@ -135,20 +135,8 @@ def decide(candidate: PairOutcomes, incumbent: PairOutcomes, cfg: PromotionConfi
 
 
 def _check_same_pairs(candidate: PairOutcomes, incumbent: PairOutcomes) -> list[str]:
-    """Sorted pair ids shared by both; ValueError naming the mismatch otherwise."""
-    cand_ids, inc_ids = set(candidate), set(incumbent)
-    if cand_ids != inc_ids:
-        only_cand = sorted(cand_ids - inc_ids)
-        only_inc = sorted(inc_ids - cand_ids)
-        raise ValueError(
-            "candidate and incumbent must be evaluated on the same pairs: "
-            f"{len(only_cand)} pair id(s) only in the candidate {_preview(only_cand)}, "
-            f"{len(only_inc)} only in the incumbent {_preview(only_inc)}. "
-            "Re-evaluate both models on one evaluation set."
-        )
-    if not cand_ids:
-        raise ValueError("no evaluation pairs: both outcome mappings are empty")
-    pair_ids = sorted(cand_ids)  # fixed order: the decision must not depend on dict insertion order
+    """Sorted pair ids shared by both, with the same category in both; ValueError naming the mismatch."""
+    pair_ids = check_same_pairs(candidate, incumbent)
     mismatched = [p for p in pair_ids if candidate[p][0] != incumbent[p][0]]
     if mismatched:
         p = mismatched[0]
@@ -158,29 +146,6 @@ def _check_same_pairs(candidate: PairOutcomes, incumbent: PairOutcomes) -> list[
             "both must come from the same labeled evaluation set."
         )
     return pair_ids
-
-
-def _preview(ids: list[str], limit: int = 5) -> str:
-    shown = ", ".join(repr(i) for i in ids[:limit])
-    return f"[{shown}{', ...' if len(ids) > limit else ''}]"
-
-
-def _paired_bootstrap_interval(diffs: list[int], cfg: PromotionConfig) -> tuple[float, float]:
-    """Percentile interval of the mean per-pair difference, resampling pairs with replacement."""
-    import torch  # the resampling is the only tensor code here; keep importing this module cheap
-
-    d = torch.tensor(diffs, dtype=torch.float64)  # (N,)
-    num_pairs = d.numel()
-    gen = torch.Generator().manual_seed(cfg.seed)
-    means = []
-    for start in range(0, cfg.num_bootstrap, _CHUNK):
-        num = min(_CHUNK, cfg.num_bootstrap - start)
-        idx = torch.randint(num_pairs, (num, num_pairs), generator=gen)  # (B, N) same ids for both models
-        means.append(d[idx].mean(dim=1))  # (B,)
-    boot = torch.cat(means)  # (num_bootstrap,)
-    alpha = 1.0 - cfg.confidence
-    low, high = torch.quantile(boot, torch.tensor([alpha / 2, 1 - alpha / 2], dtype=torch.float64)).tolist()
-    return _clean(low), _clean(high)
 
 
 def _per_category(
@@ -202,8 +167,3 @@ def _per_category(
             "delta": (c - i) / n,
         }
     return out
-
-
-def _clean(x: float) -> float:
-    """Round away float noise (e.g. 1e-17 for a tie) so "above 0" means a real difference."""
-    return 0.0 if math.isclose(x, 0.0, abs_tol=1e-12) else round(x, 12)
