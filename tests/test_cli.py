@@ -83,10 +83,76 @@ def test_evaluate_prints_the_table_and_writes_metrics(tiny_bundle, tmp_path, cap
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == ["category", "pairs", "DMoERM", "single", "RM", "delta"]
     assert any(line.split()[:2] == ["overall", "4"] for line in table)
-    assert table[-1].startswith("router accuracy:")
+    assert sum(line.startswith("router accuracy:") for line in table) == 1
     written = json.loads(metrics.read_text())
     assert written["dmoerm"]["overall"]["pairs"] == 4 and "dmoerm/acc/overall" in written["metrics"]
     assert written["baseline"]["overall"]["pairs"] == 4
+
+
+def test_evaluate_prints_and_writes_both_models_per_pair_outcomes_and_the_difference_interval(tiny_bundle,
+                                                                                              tmp_path, capsys):
+    from dmoerm.evaluation import evaluate
+
+    _, model, baseline = tiny_bundle
+    samples = pairwise_samples(6, category="chat")
+    data = tmp_path / "test.jsonl"
+    write_samples(str(data), samples)
+    out = tmp_path / "report.json"
+    assert main(["evaluate", "--bundle", tiny_bundle[0], "--data", str(data), "--output", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    expected = evaluate(model, samples, baseline)
+    assert f"DMoERM - single RM: {expected.interval}" in lines
+    assert any(line.startswith("per pair: both right ") for line in lines)
+    written = json.loads(out.read_text())
+    assert written["interval"]["num_pairs"] == 6 and written["interval"]["low"] == expected.interval.low
+    assert written["pairs"] == {k: {"category": "chat", "dmoerm": o.correct,
+                                    "baseline": expected.baseline_outcomes[k].correct}
+                                for k, o in expected.outcomes.items()}
+    assert written["truncation"]["rows"] == 12 and written["identical_after_truncation"] == []
+
+
+def test_evaluate_reports_the_datas_own_labels_as_subsets_not_router_classes(tiny_bundle, tmp_path, capsys):
+    data = tmp_path / "test.jsonl"
+    write_samples(str(data), pairwise_samples(2, category="math") + pairwise_samples(2, category="code", offset=2))
+    assert main(["evaluate", "--bundle", tiny_bundle[0], "--data", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[0] == "subset" and "router accuracy" not in out and "nan" not in out
+    assert any(line.split()[:2] == ["math", "2"] for line in out.splitlines())
+
+
+@pytest.mark.parametrize(("ranks", "ids", "message"), [
+    ([[1, 1]], ["t"], "no preference pair (all ranks tied)"),
+    ([[1, 2], [2, 1]], ["same", "same"], "sample id 'same'"),
+])
+def test_evaluate_checks_the_data_before_loading_the_bundle(tmp_path, capsys, ranks, ids, message):
+    from dmoerm.data.records import Sample
+
+    data = tmp_path / "bad.jsonl"
+    write_samples(str(data), [Sample(i, [Turn("user", f"hi {n}")], ["a", "b"], r) for n, (i, r) in
+                              enumerate(zip(ids, ranks))])
+    missing = tmp_path / "no-bundle"  # would fail with "bundle.json is missing" if it were loaded first
+    assert main(["evaluate", "--bundle", str(missing), "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "bundle.json" not in err
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('[{"context": [{"role": "user", "content": "hi"}], "responses": ["a"]}]\n',
+     "1: expected a JSON object {\"context\": [...], \"responses\": [...]}, got a JSON array (--format "
+     "conversations reads JSON Lines"),
+    ('[\n  {"context": []}\n]\n', "1: invalid JSON: Expecting value (this looks like a JSON array file"),
+    ('"just a string"\n', "1: expected a JSON object"),
+    ('{"id": null, "context": [{"role": "user", "content": "hi"}], "responses": ["a"]}\n',
+     "1: id must be a string or an integer, got None (field 'id')"),
+])
+def test_score_input_that_is_not_an_object_per_line_is_named_before_any_model_loads(tmp_path, capsys, text,
+                                                                                    message):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(text)
+    missing = tmp_path / "no-bundle"
+    assert main(["score", "--bundle", str(missing), "--input", str(inp)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"dmoerm score: error: {inp}:") and message in err, err
 
 
 def test_evaluate_on_another_format(tiny_bundle, tmp_path, capsys):

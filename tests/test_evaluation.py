@@ -3,13 +3,12 @@ higher; ties in reward count as wrong, ties in rank are no pair at all."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 from dmoerm.data.records import Sample, Turn
 from dmoerm.evaluation import EvalReport, accuracy_by_category, confusion_matrix, evaluate, pair_outcomes
 from dmoerm.modeling.reward_model import Score
+from dmoerm.significance import paired_bootstrap
 
 
 def _s(sid: str, ranks: list[int], category: str | None = "chat") -> Sample:
@@ -80,12 +79,64 @@ def test_evaluate_reports_routed_accuracy_router_accuracy_and_a_table():
     assert m["router/accuracy"] == 0.5
     table = report.table().splitlines()
     assert table[0].split() == ["category", "pairs", "DMoERM", "single", "RM", "delta"]
-    assert table[-2].split() == ["overall", "6", "0.667", "1.000", "-0.333"]
-    assert table[-1].startswith("router accuracy: 0.500")
+    assert table[5].split() == ["overall", "6", "0.667", "1.000", "-0.333"]
+    assert sum(line.startswith("router accuracy: 0.500") for line in table) == 1
 
 
-def test_evaluate_without_known_categories_or_baseline():
+def test_evaluate_without_known_categories_or_baseline_prints_no_router_figures():
     unknown = [_s("x", [1, 2], None)]
     report = evaluate(_Fake(), unknown)
-    assert math.isnan(report.router_accuracy) and report.baseline is None
-    assert report.table().splitlines()[2].split()[-2:] == ["-", "-"]
+    assert report.router_accuracy is None and report.confusion is None and report.baseline is None
+    assert "router/accuracy" not in report.metrics() and report.interval is None
+    table = report.table()
+    assert table.splitlines()[2].split()[-2:] == ["-", "-"]
+    assert "router" not in table and "nan" not in table
+
+
+def test_categories_that_are_not_the_models_are_reported_as_subsets_not_router_classes():
+    subsets = [_s("a", [1, 2], "math"), _s("b", [2, 1], "code"), _s("c", [1, 2, 3], "chat")]
+    report = evaluate(_Fake(), subsets, _FakeBaseline())
+    assert report.grouping == "subset" and report.router_accuracy is None and report.confusion is None
+    assert list(report.dmoerm) == ["chat", "code", "math", "overall"]
+    assert report.dmoerm["math"] == {"accuracy": 1.0, "pairs": 1} and report.dmoerm["code"]["accuracy"] == 0.0
+    assert "router/accuracy" not in report.metrics() and report.metrics()["dmoerm/acc/math"] == 1.0
+    table = report.table()
+    assert table.splitlines()[0].split()[0] == "subset" and "subsets: the data's own labels" in table
+    assert "router accuracy" not in table and "[[" not in table and "nan" not in table
+
+
+def test_the_difference_interval_is_the_shared_paired_bootstrap_and_both_outcomes_are_kept():
+    report = evaluate(_Fake(), SAMPLES, _FakeBaseline())
+    expected = paired_bootstrap({k: o.correct for k, o in report.outcomes.items()},
+                                {k: o.correct for k, o in report.baseline_outcomes.items()})
+    assert report.interval == expected and expected.num_pairs == 6 and expected.num_samples == 4
+    assert report.interval.delta == pytest.approx(4 / 6 - 1.0)
+    assert f"DMoERM - single RM: {expected}" in report.table().splitlines()
+    assert report.paired_counts() == {"both_right": 4, "dmoerm_only": 0, "baseline_only": 2, "both_wrong": 0}
+    m = report.metrics()
+    assert (m["delta/overall"], m["delta/ci_low"], m["delta/ci_high"]) == (expected.delta, expected.low,
+                                                                           expected.high)
+    data = report.to_dict()
+    assert data["interval"]["low"] == expected.low and data["interval"]["num_samples"] == 4
+    assert data["pairs"]["b#1>0"] == {"category": "chat", "dmoerm": False, "baseline": True}
+    assert set(data["pairs"]) == set(report.outcomes)
+
+
+def test_notes_are_printed_at_the_end_of_the_table():
+    report = evaluate(_Fake(), SAMPLES, _FakeBaseline())
+    report.notes.append("data budget: DMoERM 10 samples, single RM 10 samples")
+    assert report.table().splitlines()[-1] == "data budget: DMoERM 10 samples, single RM 10 samples"
+    assert report.to_dict()["notes"] == report.notes
+
+
+def test_no_pair_to_score_is_an_error_not_an_empty_table():
+    tied = [_s("t1", [1, 1]), _s("t2", [2, 2, 2], "qa")]
+    with pytest.raises(ValueError, match="no pairs to evaluate: 2 sample"):
+        evaluate(_Fake(), tied, _FakeBaseline())
+    with pytest.raises(ValueError, match="no pairs to evaluate"):
+        evaluate(_Fake(), [])
+
+
+def test_repeated_sample_ids_are_an_error_not_merged_pairs():
+    with pytest.raises(ValueError, match="1 sample id.* more than once: 'a' \\(2x\\)"):
+        evaluate(_Fake(), [_s("a", [1, 2]), _s("a", [2, 1])])

@@ -54,15 +54,15 @@ def _load_samples(path: str, fmt: str):
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from dmoerm.bundle import load_bundle
-    from dmoerm.evaluation import evaluate
+    from dmoerm.evaluation import check_evaluable, evaluate
 
-    loaded = load_bundle(args.bundle, base=args.base)
     samples = _load_samples(args.data, args.format)
+    check_evaluable(samples)  # bad data fails before the (slow) bundle load
+    loaded = load_bundle(args.bundle, base=args.base)
     report = evaluate(loaded.model, samples, loaded.baseline)
     print(report.table())
-    if args.output:
-        Path(args.output).write_text(json.dumps({"metrics": report.metrics(), "dmoerm": report.dmoerm,
-                                                 "baseline": report.baseline}, indent=2))
+    if args.output:  # metrics, both models' per-pair outcomes, the interval, truncation, notes
+        Path(args.output).write_text(json.dumps(report.to_dict(), indent=2))
     return 0
 
 
@@ -72,12 +72,14 @@ def cmd_score(args: argparse.Namespace) -> int:
     from dmoerm.bundle import load_bundle
     from dmoerm.data.loaders import SourceConfig, load_source
 
-    loaded = load_bundle(args.bundle, base=args.base)
-    if args.format == "conversations":
+    if args.format == "conversations":  # the input is read and checked before the (slow) bundle load
         rows = _read_conversations(args.input)
     else:
         res = load_source(SourceConfig(path=args.input, format=args.format))
         rows = [(s.id, s.context, s.responses) for s in res.samples]
+    if not rows:
+        raise ValueError(f"{args.input}: no conversations to score")
+    loaded = load_bundle(args.bundle, base=args.base)
     flat_ctx = [c for _, c, rs in rows for _ in rs]
     flat_resp = [r for _, _, rs in rows for r in rs]
     scores = loaded.model.score(flat_ctx, flat_resp)
@@ -97,6 +99,10 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_kind(value: object) -> str:
+    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+
+
 def _read_conversations(path: str):
     from dmoerm.data.records import DataError, Turn
 
@@ -108,7 +114,16 @@ def _read_conversations(path: str):
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"invalid JSON: {e.msg}", path=path, line=n) from None
+                hint = (" (this looks like a JSON array file: --format conversations reads one JSON object per "
+                        "line)" if n == 1 and line.lstrip().startswith("[") else "")
+                raise DataError(f"invalid JSON: {e.msg}{hint}", path=path, line=n) from None
+            if not isinstance(obj, dict):
+                hint = " (--format conversations reads JSON Lines: one object per line)" * isinstance(obj, list)
+                raise DataError(f"expected a JSON object {{\"context\": [...], \"responses\": [...]}}, got a "
+                                f"JSON {_json_kind(obj)}{hint}", path=path, line=n)
+            if "id" in obj and (isinstance(obj["id"], bool) or not isinstance(obj["id"], (str, int))):
+                raise DataError(f"id must be a string or an integer, got {obj['id']!r}", path=path, line=n,
+                                field_name="id")
             for key, kind in (("context", list), ("responses", list)):
                 if not isinstance(obj.get(key), kind) or not obj[key]:
                     raise DataError("missing or empty list", path=path, line=n, field_name=key)

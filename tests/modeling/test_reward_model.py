@@ -121,3 +121,61 @@ def test_scores_report_row_tokens_and_truncation():
     assert scores[0].context_tokens_dropped == int(enc.context_dropped[0]) > 0
     assert scores[0].response_tokens_dropped == int(enc.response_dropped[0]) > 0
     assert (scores[1].context_tokens_dropped, scores[1].response_tokens_dropped) == (0, 0)
+
+
+def test_scores_report_kept_response_tokens_and_a_digest_of_the_model_input():
+    bb = tiny_backbone("bert", max_length=24)
+    model = build_reward_model(bb, TAXONOMY)
+    ctx = user("hi")
+    head = " ".join(["gamma"] * 30)
+    responses = [head + " alpha", head + " beta", "short one", "short two"]
+    scores = model.score([ctx] * 4, responses)
+    full = [len(bb.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in responses]
+    for s, n in zip(scores, full):
+        assert s.response_tokens + s.response_tokens_dropped == n and s.response_tokens > 0
+    assert scores[0].response_tokens_dropped > 0 and scores[2].response_tokens_dropped == 0
+    assert scores[0].input_digest == scores[1].input_digest  # they differ only past the cut
+    assert len({s.input_digest for s in scores[1:]}) == 3 and all(s.input_digest for s in scores)
+
+
+def _rows_through_trunk(bb) -> tuple[list[int], object]:
+    """Rows entering the trunk's last block, per forward (the embedding-only passes of layer_inputs stop
+    before it)."""
+    rows: list[int] = []
+    handle = bb.layers[bb.split - 1].register_forward_pre_hook(lambda _m, args: rows.append(args[0].size(0)))
+    return rows, handle
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_score_with_baseline_runs_the_trunk_once_per_row_for_both_models(kind):
+    from tiny import pairwise_samples
+
+    from dmoerm.data.records import Sample
+    from dmoerm.modeling.reward_model import score_with_baseline
+
+    bb = tiny_backbone(kind)
+    model = build_reward_model(bb, TAXONOMY, batch_size=3)
+    baseline = SingleRewardModel(bb, TopStack(bb), batch_size=5)
+    samples = pairwise_samples(4, category="chat") + [
+        Sample(f"r{i}", ctx, ["one answer", "a much longer second answer here", "third"], [2, 1, 3], "qa")
+        for i, ctx in enumerate(CONTEXTS[:2])]
+    num_rows = sum(len(s.responses) for s in samples)
+    rows, handle = _rows_through_trunk(bb)
+    try:
+        alone = model.score_samples(samples)
+        routed_alone = sum(rows)  # the scored rows, plus any context pass of routing
+        separate = baseline.score_samples(samples)
+        assert sum(rows) == routed_alone + num_rows  # the baseline's own trunk pass
+        rows.clear()
+        both, base = score_with_baseline(model, baseline, samples)
+        assert sum(rows) == routed_alone  # the baseline added no trunk row
+        rows.clear()
+        forced, _ = score_with_baseline(model, baseline, samples, use_known_category=True)
+        assert sum(rows) == num_rows  # no routing pass: exactly one trunk pass per row for both models
+    finally:
+        handle.remove()
+    assert [s.reward for g in both for s in g] == pytest.approx([s.reward for g in alone for s in g], abs=1e-6)
+    assert [s.category for g in both for s in g] == [s.category for g in alone for s in g]
+    assert [r for g in base for r in g] == pytest.approx([r for g in separate for r in g], abs=1e-6)
+    assert [len(g) for g in base] == [len(s.responses) for s in samples]
+    assert [g[0].category for g in forced] == ["chat"] * 4 + ["qa"] * 2

@@ -10,7 +10,8 @@ trunk pass.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,12 @@ class Score:
     """Context tokens cut from the context's start to fit ``max_length``."""
     response_tokens_dropped: int = 0
     """Response tokens cut from the response's end to fit ``max_length``."""
+    response_tokens: int = 0
+    """Response tokens kept (the model saw ``response_tokens`` of ``response_tokens +
+    response_tokens_dropped``)."""
+    input_digest: str = ""
+    """Digest of the row's kept token ids: two rows with the same digest are the same model input (e.g.
+    two responses that differ only past the truncation point). Empty when unknown."""
 
 
 def _per_sample(samples: Sequence[Sample], flat: list) -> list[list]:
@@ -54,6 +61,16 @@ def _per_sample(samples: Sequence[Sample], flat: list) -> list[list]:
         out.append(flat[k: k + len(s.responses)])
         k += len(s.responses)
     return out
+
+
+def _digest(ids: Sequence[int]) -> str:
+    """A short digest of a row's token ids (equal ids, equal digest)."""
+    return hashlib.blake2b(",".join(map(str, ids)).encode(), digest_size=12).hexdigest()
+
+
+TrunkHook = Callable[[list[int], Encoded, torch.Tensor], None]
+"""Called once per scoring batch with the batch's row indices, its padded rows and its (B, T, H) trunk
+states, so another head on the same frozen trunk (the baseline) reuses the pass."""
 
 
 def _context_key(context: Sequence[Turn]) -> str:
@@ -106,6 +123,10 @@ class RewardModel:
     def score(self, contexts: Sequence[Sequence[Turn]], responses: Sequence[str],
               categories: Sequence[str | None] | None = None) -> list[Score]:
         """One ``Score`` per (context, response) row. ``categories`` forces a category per row."""
+        return self._score(contexts, responses, categories)
+
+    def _score(self, contexts: Sequence[Sequence[Turn]], responses: Sequence[str],
+               categories: Sequence[str | None] | None, on_trunk: TrunkHook | None = None) -> list[Score]:
         if len(contexts) != len(responses):
             raise ValueError(f"{len(contexts)} contexts for {len(responses)} responses")
         if not responses:
@@ -126,10 +147,13 @@ class RewardModel:
             names, probs, _ = self.route(list(separate.values()))
             routes.update(zip(separate, zip(names, probs)))
         out: list[Score | None] = [None] * len(responses)
+        _, mid, tail = self.backbone.special_ids()
         for batch in batches:
             enc = self.backbone.pad([rows[i] for i in batch])
             hidden = self._trunk_and_route(enc, [keys[i] if sources.get(keys[i]) == i else None for i in batch],
                                            routes)  # (B, T, H)
+            if on_trunk is not None:
+                on_trunk(batch, enc, hidden)
             route = {i: (forced[i], 1.0) if forced[i] is not None else routes[keys[i]] for i in batch}
             for cat_name in sorted({route[i][0] for i in batch}):
                 local = [j for j, i in enumerate(batch) if route[i][0] == cat_name]
@@ -140,7 +164,8 @@ class RewardModel:
                 for j, r, s in zip(local, rewards.tolist(), ex.scores.tolist()):
                     i, row = batch[j], rows[batch[j]]
                     out[i] = Score(r, cat_name, route[i][1], dict(zip(cat.capabilities, s)), len(row.ids),
-                                   row.context_dropped, row.response_dropped)
+                                   row.context_dropped, row.response_dropped,
+                                   len(row.ids) - row.context_end - len(mid) - len(tail), _digest(row.ids))
         return out  # type: ignore[return-value]
 
     def _prefix_sources(self, keys: list[str], rows: list[TokenRow], batches: list[list[int]],
@@ -196,12 +221,38 @@ class SingleRewardModel:
         rows, batches = _token_batches(self.backbone, contexts, responses, self.batch_size, self.max_batch_tokens)
         for batch in batches:
             enc = self.backbone.pad([rows[i] for i in batch])
-            args, kwargs = self.backbone.layer_inputs(enc.attention_mask)
-            _, scores = self.top(self.backbone.trunk(enc), enc.attention_mask, args, kwargs)
-            for i, s in zip(batch, scores.tolist()):
+            for i, s in zip(batch, self.score_trunk(enc, self.backbone.trunk(enc))):
                 out[i] = s
         return out
+
+    @torch.no_grad()
+    def score_trunk(self, enc: Encoded, hidden: torch.Tensor) -> list[float]:
+        """Rewards of a padded batch from its (B, T, H) trunk states (computed once, maybe by another model)."""
+        args, kwargs = self.backbone.layer_inputs(enc.attention_mask)
+        _, scores = self.top(hidden, enc.attention_mask, args, kwargs)  # (B,)
+        return scores.tolist()
 
     def score_samples(self, samples: Sequence[Sample]) -> list[list[float]]:
         return _per_sample(samples, self.score([s.context for s in samples for _ in s.responses],
                                                [r for s in samples for r in s.responses]))
+
+
+@torch.no_grad()
+def score_with_baseline(model: RewardModel, baseline: SingleRewardModel, samples: Sequence[Sample],
+                        use_known_category: bool = False) -> tuple[list[list[Score]], list[list[float]]]:
+    """Both models' scores per sample (one per response) from ONE trunk pass per row: the baseline's top
+    reads the trunk states of the DMoERM's own batches (its batching, its routing). The two must share the
+    frozen backbone (a bundle's do); otherwise each runs its own trunk."""
+    if baseline.backbone is not model.backbone:
+        return model.score_samples(samples, use_known_category), baseline.score_samples(samples)
+    ctx = [s.context for s in samples for _ in s.responses]
+    resp = [r for s in samples for r in s.responses]
+    cats = [s.category for s in samples for _ in s.responses] if use_known_category else None
+    base = [0.0] * len(resp)
+
+    def also_baseline(batch: list[int], enc: Encoded, hidden: torch.Tensor) -> None:
+        for i, r in zip(batch, baseline.score_trunk(enc, hidden)):
+            base[i] = r
+
+    scores = model._score(ctx, resp, cats, on_trunk=also_baseline)
+    return _per_sample(samples, scores), _per_sample(samples, base)
