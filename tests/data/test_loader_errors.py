@@ -83,7 +83,8 @@ def _write(tmp_path: Path, fmt: str, records: list) -> tuple[str, str]:
 @pytest.mark.parametrize("fmt, good, bad, field, extra", CASES, ids=[f"{c[0]}-{c[3]}-{i}" for i, c in
                                                                       enumerate(CASES)])
 def test_malformed_record_names_file_line_and_field(tmp_path, fmt, good, bad, field, extra):
-    path, where = _write(tmp_path, fmt, [good, bad, good])
+    again = {**good, "id": "c:3"} if "id" in good else good  # sample ids are unique within a source
+    path, where = _write(tmp_path, fmt, [good, bad, again])
     with pytest.raises(DataError) as err:
         load_source(SourceConfig(path, fmt, **extra))
     assert where in str(err.value) and f"(field {field!r})" in str(err.value)
@@ -100,10 +101,11 @@ def test_bad_json_line_names_file_and_line(tmp_path, fmt, caplog):
     path.write_text('{"chosen": \n[1, 2]\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"broken\.jsonl:1: invalid JSON"):
         load_source(SourceConfig(str(path), fmt))
-    with caplog.at_level(logging.WARNING, logger="dmoerm.data.loaders"):
-        result = load_source(SourceConfig(str(path), fmt, on_error="skip"))
-    assert [s.line for s in result.skipped] == [1, 2] and "expected a JSON object" in result.skipped[1].reason
+    with caplog.at_level(logging.WARNING, logger="dmoerm.data.loaders"), \
+            pytest.raises(DataError, match=r"no usable sample: .*skipped 2 \(.*expected a JSON object"):
+        load_source(SourceConfig(str(path), fmt, on_error="skip"))  # nothing usable left: an error, not []
     assert "broken.jsonl:1: invalid JSON" in caplog.text  # every skip is logged
+    assert "broken.jsonl:2: expected a JSON object" in caplog.text
 
 
 @pytest.mark.parametrize("fmt", ["rmb_pairwise", "rmb_bon"])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dmoerm.data import LoadResult, Sample, Skip, SourceConfig, load_source, write_samples
-from dmoerm.data.loaders import IDENTICAL
+from dmoerm.data.loaders import IDENTICAL, NO_PAIR
 
 PAPER = Path(__file__).resolve().parents[1] / "fixtures" / "paper_format.jsonl"
 HH_SPLITS = {"harmless-base": 2312, "helpful-base": 2354, "helpful-online": 1137,
@@ -148,26 +148,28 @@ def test_autoj_real_labels_and_ties(shared_data):
     by_line = {int(s.id.rsplit(":", 1)[1]): s for s in result.samples}
     for n, row in enumerate(rows, start=1):
         if n in by_line:
-            assert by_line[n].ranks == {0: [1, 2], 1: [2, 1], 2: [1, 1]}[row["label"]]
+            assert by_line[n].ranks == {0: [1, 2], 1: [2, 1]}[row["label"]]
             assert by_line[n].responses == [row["response 1"], row["response 2"]]
             assert by_line[n].category == row["scenario"]
-    ties = [s for s in result.samples if s.ranks == [1, 1]]
-    assert ties and all(s.pairs() == [] for s in ties)
+    ties = [n for n, row in enumerate(rows, start=1) if row["label"] == 2]
+    assert ties and [s.line for s in result.skipped if s.reason == NO_PAIR] == ties  # counted, not loaded
+    assert f"{len(ties)} x {NO_PAIR!r}" in result.summary()
 
 
 def test_paper_format_fixture():
     cmap = {"角色扮演": "roleplay", "闲聊": "chat", "主观问答": "subjective_qa", "客观问答": "objective_qa",
             "文本创作": "text_creation"}
-    samples = load_source(SourceConfig(str(PAPER), "dmoerm_paper", category_map=cmap)).samples
-    assert len(samples) == 6 and samples[0].id == "fixtures/paper_format:1"
-    assert [s.category for s in samples] == ["roleplay", "chat", "objective_qa", "subjective_qa",
-                                             "text_creation", "chat"]
+    result = load_source(SourceConfig(str(PAPER), "dmoerm_paper", category_map=cmap))
+    samples = result.samples
+    assert len(samples) == 5 and samples[0].id == "fixtures/paper_format:1"
+    assert result.skipped == [Skip(4, None, NO_PAIR, str(PAPER))]  # all ranks tied: no preference
+    assert [s.category for s in samples] == ["roleplay", "chat", "objective_qa", "text_creation", "chat"]
     two = samples[1]
     assert [(t.role, t.content) for t in two.context] == [
         ("user", "今天好累啊"), ("assistant", "辛苦啦！发生什么事了吗？"),
         ("user", "加班到十点，老板还不满意")]
     assert samples[0].ranks == [1, 3, 2] and samples[0].pairs() == [(0, 1), (0, 2), (2, 1)]
-    assert len(samples[4].context) == 5 and samples[3].pairs() == []
+    assert len(samples[3].context) == 5
 
 
 def test_canonical_roundtrip_local_gz_and_s3(tmp_path, s3_server):
@@ -175,7 +177,7 @@ def test_canonical_roundtrip_local_gz_and_s3(tmp_path, s3_server):
     samples[0].capability_prefs = {"empathy": [(0, 2)]}
     bucket = s3_server.create_bucket("loaders")
     for target in (tmp_path / "s.jsonl", tmp_path / "s.jsonl.gz", f"s3://{bucket}/canon/s.jsonl"):
-        assert write_samples(target, samples) == 6
+        assert write_samples(target, samples) == 5
         back = load_source(SourceConfig(str(target), "dmoerm")).samples
         assert [s.to_json() for s in back] == [s.to_json() for s in samples]
 

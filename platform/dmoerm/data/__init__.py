@@ -6,12 +6,14 @@ from dmoerm.data.loaders import (
     Skip,
     SourceConfig,
     load_source,
+    load_sources,
     write_samples,
 )
+from dmoerm.data.mapped import formats_help, parse_map
 from dmoerm.data.records import DataError, Sample, Turn
 from dmoerm.data.splits import SPLITS, SplitConfig, split_samples
 
 __all__ = [
     "FORMATS", "SPLITS", "DataError", "LoadResult", "Sample", "Skip", "SourceConfig", "SplitConfig", "Turn",
-    "load_source", "split_samples", "write_samples",
+    "formats_help", "load_source", "load_sources", "parse_map", "split_samples", "write_samples",
 ]

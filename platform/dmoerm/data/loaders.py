@@ -5,31 +5,40 @@ Every loader gives the same rank semantics: **rank 1 = best = chosen**; ties sha
 local or ``s3://`` URIs (read through :func:`dmoerm.storage.open_uri`); ``.gz`` JSON-lines files are
 decompressed. Malformed records raise :class:`DataError` naming the file, line (or item) and field, or
 with ``on_error="skip"`` are counted in :attr:`LoadResult.skipped` and logged, never silently dropped.
-A pair whose responses are identical carries no preference: it is always skipped with the reason
-``"identical responses"`` (and counted), even with ``on_error="raise"``.
+A record that carries no preference is always skipped (and counted), even with ``on_error="raise"``: a
+pair whose responses are identical (``"identical responses"``) or a sample whose ranks are all tied
+(``"no preference pair (all ranks tied)"``). A file that is not UTF-8 on a line, a truncated ``.gz``, a
+JSON array given to a JSON-lines format, a sample id seen twice (the later record is the error) and a
+source where no usable sample remains are errors too. ``format: mapped`` reads any JSON, JSON-array,
+JSONL, CSV or Parquet file through a field map (:mod:`dmoerm.data.mapped`); :func:`formats_help` lists
+every format with the fields it needs.
 """
 
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from dmoerm import storage
+from dmoerm.data import readers
+from dmoerm.data.readers import RecordError as _RecordError
 from dmoerm.data.records import DataError, Sample, Turn
 
 logger = logging.getLogger(__name__)
 
-Format = Literal["trl", "hh", "rmb_pairwise", "rmb_bon", "autoj_pairwise", "dmoerm_paper", "dmoerm"]
+Format = Literal["trl", "hh", "rmb_pairwise", "rmb_bon", "autoj_pairwise", "dmoerm_paper", "dmoerm", "mapped"]
 FORMATS: tuple[str, ...] = get_args(Format)
 IDENTICAL = "identical responses"
+NO_PAIR = "no preference pair (all ranks tied)"
+NO_PREFERENCE = (IDENTICAL, NO_PAIR)
+"""Skip reasons that are not malformed input: counted and reported, never raised."""
 
 
 @dataclass
@@ -40,7 +49,9 @@ class SourceConfig:
     """Local path or ``s3://`` URI of a file; for ``rmb_*`` also a folder (all ``.json`` below, sorted)."""
     format: Format
     """``trl`` (jsonl/parquet chosen/rejected, plain or conversational), ``hh`` (Anthropic HH
-    transcripts), ``rmb_pairwise``, ``rmb_bon``, ``autoj_pairwise``, ``dmoerm_paper`` or ``dmoerm``."""
+    transcripts), ``rmb_pairwise``, ``rmb_bon``, ``autoj_pairwise``, ``dmoerm_paper``, ``dmoerm``, or
+    ``mapped`` (any JSON / JSON-array / JSONL / CSV / Parquet file read through ``map``); the fields each
+    needs: :func:`formats_help`."""
     category: str | None = None
     """Category given to every sample of this source (overrides the labels in the file)."""
     category_map: dict[str, str] = field(default_factory=dict)
@@ -53,6 +64,9 @@ class SourceConfig:
     """``raise``: a malformed record raises DataError; ``skip``: it is counted in LoadResult.skipped."""
     name: str | None = None
     """Source name used in sample ids and ``Sample.source``; default ``<parent>/<file stem>``."""
+    map: dict[str, str] = field(default_factory=dict)
+    """``format: mapped`` only: canonical field -> the file's field (dotted for nested keys), e.g.
+    ``{context: prompt, chosen: chosen, rejected: rejected}``; see :func:`dmoerm.data.mapped.check_map`."""
 
     def __post_init__(self) -> None:
         if isinstance(self.path, os.PathLike):
@@ -75,6 +89,14 @@ class SourceConfig:
         if self.category is not None and self.category_map:
             raise ValueError("SourceConfig: give either category (one for all samples) or category_map, "
                              "not both")
+        if self.format == "mapped" or self.map:
+            from dmoerm.data.mapped import check_map
+
+            if self.format != "mapped":
+                raise ValueError(f"SourceConfig.map is only read by format 'mapped', not {self.format!r}")
+            self.map = check_map(self.map)
+            if self.category_map and "category" not in self.map:
+                raise ValueError("SourceConfig: category_map needs a mapped category field (map category=...)")
         if self.category_map and self.format in ("hh", "trl"):
             raise ValueError(f"SourceConfig: format {self.format!r} has no per-record labels to map; "
                              "use category to label every sample")
@@ -88,7 +110,7 @@ class SourceConfig:
         if self.name:
             return self.name
         parts = [p for p in self.path.rstrip("/").replace("s3://", "", 1).split("/") if p]
-        stem = re.sub(r"(\.(jsonl|json|parquet))?(\.gz)?$", "", parts[-1])
+        stem = re.sub(r"(\.(jsonl|ndjson|json|parquet|csv|tsv))?(\.gz)?$", "", parts[-1])
         return f"{parts[-2]}/{stem}" if len(parts) > 1 and stem != parts[-1] else stem
 
 
@@ -122,18 +144,10 @@ class LoadResult:
         text = f"loaded {len(self.samples)} samples from {self.path}"
         if not self.skipped:
             return text
-        counts = Counter(s.reason if s.field is None or s.reason == IDENTICAL else f"{s.field}: {s.reason}"
+        counts = Counter(s.reason if s.field is None or s.reason in NO_PREFERENCE else f"{s.field}: {s.reason}"
                          for s in self.skipped)
         return text + f"; skipped {len(self.skipped)} (" + ", ".join(
             f"{n} x {reason!r}" for reason, n in counts.most_common()) + ")"
-
-
-class _RecordError(Exception):
-    """A problem with one record; the driver adds file and line."""
-
-    def __init__(self, field_name: str | None, reason: str) -> None:
-        super().__init__(reason)
-        self.field_name, self.reason = field_name, reason
 
 
 # ---------------------------------------------------------------- field helpers
@@ -193,7 +207,10 @@ def _category(raw: str | None, cfg: SourceConfig, label: str, by_path: bool = Fa
 
 
 def _sample(sid: str, cfg: SourceConfig, context: list[Turn], responses: list[str], ranks: list[int],
-            category: str | None, rank_field: str = "rank", context_field: str = "context") -> Sample:
+            category: str | None, rank_field: str = "rank", context_field: str = "context",
+            tied_ok: bool = False) -> Sample:
+    """A validated Sample. All ranks tied is a NO_PAIR skip unless ``tied_ok`` (the record carries
+    capability preferences of its own)."""
     if not context:
         raise _RecordError(context_field, "the conversation context is empty")
     if len(ranks) != len(responses):
@@ -205,6 +222,8 @@ def _sample(sid: str, cfg: SourceConfig, context: list[Turn], responses: list[st
     for text, rank in zip(responses, ranks):
         if seen.setdefault(text.strip(), rank) != rank:
             raise _RecordError(None, IDENTICAL)  # the same text both better and worse: no preference
+    if len(set(ranks)) == 1 and not tied_ok:
+        raise _RecordError(None, NO_PAIR)
     return Sample(id=sid, context=context, responses=responses, ranks=ranks, category=category,
                   source=cfg.source_name)
 
@@ -320,6 +339,25 @@ def _parse_paper(obj: dict, sid: str, cfg: SourceConfig) -> Sample:
     return _sample(sid, cfg, context, responses, ranks, _category(label, cfg, "label"))
 
 
+def _capability_prefs(value: Any) -> dict[str, list]:
+    """``{capability: [[better, worse], ...]}`` checked field by field (None: no preferences)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _RecordError("capability_prefs", "expected an object of capability -> [[better, worse], ...], "
+                                               f"got {type(value).__name__}")
+    for cap, pairs in value.items():
+        if not isinstance(pairs, list):
+            raise _RecordError(f"capability_prefs.{cap}", f"expected a list of [better, worse] pairs, "
+                                                          f"got {type(pairs).__name__}")
+        for i, pair in enumerate(pairs):
+            if not isinstance(pair, list) or len(pair) != 2 or not all(
+                    isinstance(x, int) and not isinstance(x, bool) for x in pair):
+                raise _RecordError(f"capability_prefs.{cap}[{i}]",
+                                   f"expected a [better, worse] pair of response indices, got {pair!r}")
+    return value
+
+
 def _parse_dmoerm(obj: dict, sid: str, cfg: SourceConfig) -> Sample:
     """Canonical records keep their own ``id`` (falls back to ``sid``)."""
     context = _messages(_get(obj, "context", list), "context")
@@ -328,10 +366,12 @@ def _parse_dmoerm(obj: dict, sid: str, cfg: SourceConfig) -> Sample:
     if raw is not None and not isinstance(raw, str):
         raise _RecordError("category", f"expected str, got {type(raw).__name__}")
     category = _category(raw, cfg, "category")
-    sample = _sample(str(obj.get("id") or sid), cfg, context, responses, ranks, category, "ranks")
+    prefs = _capability_prefs(obj.get("capability_prefs"))
+    sample = _sample(str(obj.get("id") or sid), cfg, context, responses, ranks, category, "ranks",
+                     tied_ok=any(prefs.values()))
     try:
-        full = Sample.from_json({**obj, "id": sample.id, "category": category})
-    except (ValueError, TypeError, KeyError) as err:
+        full = Sample.from_json({**obj, "id": sample.id, "category": category, "capability_prefs": prefs})
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
         raise _RecordError("capability_prefs", str(err)) from None
     full.source = obj.get("source") or cfg.source_name
     return full
@@ -341,48 +381,6 @@ _PARSERS: dict[str, Callable[[dict, str, SourceConfig], Sample]] = {
     "hh": _parse_hh, "trl": _parse_trl, "rmb_pairwise": _parse_rmb_pairwise, "rmb_bon": _parse_rmb_bon,
     "autoj_pairwise": _parse_autoj, "dmoerm_paper": _parse_paper, "dmoerm": _parse_dmoerm,
 }
-
-
-# ---------------------------------------------------------------- readers (file -> records)
-
-# (line/item/row number, "item"/"row" or None for a JSON line, the object or why it is unreadable)
-Record = tuple[int, "str | None", "dict | _RecordError"]
-
-
-def _read_jsonl(uri: str) -> Iterator[Record]:
-    with storage.open_uri(uri, "rb") as raw:
-        binary = gzip.GzipFile(fileobj=raw) if uri.endswith(".gz") else raw
-        for n, line in enumerate(io.TextIOWrapper(binary, encoding="utf-8"), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                yield n, None, _RecordError(None, f"invalid JSON: {err}")
-                continue
-            yield n, None, obj if isinstance(obj, dict) else _RecordError(
-                None, f"expected a JSON object, got {type(obj).__name__}")
-
-
-def _read_json_list(uri: str) -> Iterator[Record]:
-    try:
-        items = json.loads(storage.read_bytes(uri).decode("utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(f"invalid JSON: {err.msg} (column {err.colno})", path=uri, line=err.lineno) from None
-    if not isinstance(items, list):
-        raise DataError(f"expected a JSON list of records, got {type(items).__name__}", path=uri)
-    for n, obj in enumerate(items, start=1):
-        yield n, "item", obj if isinstance(obj, dict) else _RecordError(
-            None, f"expected a JSON object, got {type(obj).__name__}")
-
-
-def _read_parquet(uri: str) -> Iterator[Record]:
-    import pyarrow.parquet as pq  # heavy: only for parquet sources
-
-    with storage.open_uri(uri, "rb") as f:
-        rows = pq.read_table(f).to_pylist()
-    for n, obj in enumerate(rows, start=1):
-        yield n, "row", obj
 
 
 def _files(cfg: SourceConfig) -> list[tuple[str, str]]:
@@ -404,44 +402,84 @@ def _files(cfg: SourceConfig) -> list[tuple[str, str]]:
     return [(u, f"{cfg.source_name}/{relative(u)[:-len('.json')]}") for u in found]
 
 
+def _records(cfg: SourceConfig, uri: str) -> Iterator[readers.Record]:
+    if cfg.format == "mapped":
+        from dmoerm.data.mapped import read_records
+
+        return read_records(uri, cfg.map)
+    if cfg.format.startswith("rmb_"):
+        return readers.read_json(uri)
+    if re.search(r"\.parquet$", uri):
+        return readers.read_parquet(uri)
+    return readers.read_jsonl(uri, cfg.format)
+
+
+def _parser(cfg: SourceConfig) -> Callable[[dict, str, SourceConfig], Sample]:
+    if cfg.format == "mapped":
+        from dmoerm.data.mapped import parse_mapped
+
+        return parse_mapped
+    return _PARSERS[cfg.format]
+
+
 def load_source(cfg: SourceConfig) -> LoadResult:
     """Load one source into canonical samples (see the module docstring for semantics).
 
     Raises:
-        DataError: a malformed record with ``on_error="raise"`` (names file, line or item, and field),
-            or a file that is not valid JSON / not a JSON list (always).
+        DataError: a malformed record with ``on_error="raise"`` (names file, line or item, and field), a
+            file that cannot be read as a whole (not a JSON list, a truncated ``.gz``, a JSON array given
+            to a JSON-lines format: always), or a source where no usable sample remains (always).
         FileNotFoundError: the path does not exist.
     """
-    parse = _PARSERS[cfg.format]
+    parse = _parser(cfg)
     samples: list[Sample] = []
     skipped: list[Skip] = []
+    first_at: dict[str, str] = {}  # sample id -> where it was first loaded
     for uri, name in _files(cfg):
-        if cfg.format.startswith("rmb_"):
-            reader = _read_json_list
-        elif uri.endswith(".parquet"):
-            reader = _read_parquet
-        else:
-            reader = _read_jsonl
-        for n, unit, obj in reader(uri):
+        for n, unit, obj in _records(cfg, uri):
+            where = f"line {n}" if unit is None else f"{unit} {n}"
             try:
                 if isinstance(obj, _RecordError):
                     raise obj
-                samples.append(parse(obj, f"{name}:{n}", cfg))
+                sample = parse(obj, f"{name}:{n}", cfg)
+                if sample.id in first_at:
+                    raise _RecordError("id", f"duplicate sample id {sample.id!r} (first at {first_at[sample.id]}); "
+                                             "ids must be unique within a dataset")
+                first_at[sample.id] = where if uri == cfg.path else f"{uri} {where}"
+                samples.append(sample)
             except _RecordError as err:
-                error = DataError(err.reason if unit is None else f"{unit} {n}: {err.reason}", path=uri,
+                error = DataError(err.reason if unit is None else f"{where}: {err.reason}", path=uri,
                                   line=n if unit is None else None, field_name=err.field_name)
-                if err.reason != IDENTICAL and cfg.on_error == "raise":
+                if err.reason not in NO_PREFERENCE and cfg.on_error == "raise":
                     raise error from None
                 skipped.append(Skip(n, err.field_name, err.reason, uri))
-                (logger.debug if err.reason == IDENTICAL else logger.warning)("skipped %s", error)
+                (logger.debug if err.reason in NO_PREFERENCE else logger.warning)("skipped %s", error)
             if cfg.limit is not None and len(samples) >= cfg.limit:
                 break
         if cfg.limit is not None and len(samples) >= cfg.limit:
             break
     result = LoadResult(samples, skipped, cfg.path)
-    malformed = any(s.reason != IDENTICAL for s in skipped)
+    if not samples:
+        raise DataError(f"no usable sample: {result.summary()}" if skipped else "no records found", path=cfg.path)
+    malformed = any(s.reason not in NO_PREFERENCE for s in skipped)
     (logger.warning if malformed else logger.info)("%s", result.summary())
     return result
+
+
+def load_sources(cfgs: Sequence[SourceConfig]) -> list[LoadResult]:
+    """:func:`load_source` for each source; a sample id in two sources is a DataError naming both (ids
+    key the evaluation's pairs, promotion's bootstrap and the labels, so a repeated id would merge them)."""
+    results = [load_source(c) for c in cfgs]
+    owner: dict[str, int] = {}
+    for i, (cfg, res) in enumerate(zip(cfgs, results)):
+        for s in res.samples:
+            j = owner.setdefault(s.id, i)
+            if j != i:
+                raise DataError(f"sample id {s.id!r} is in two sources, {cfgs[j].path} and {cfg.path}: give the "
+                                "sources distinct names (ids are '<name>:<line>' unless the file has its own) or "
+                                "fix the ids",
+                                path=cfg.path, field_name="id")
+    return results
 
 
 def write_samples(path_or_uri: str | os.PathLike[str], samples: list[Sample]) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from dmoerm.config import PipelineConfig
-from dmoerm.data.loaders import load_source
+from dmoerm.data.loaders import load_sources
 from dmoerm.data.records import Sample
 from dmoerm.data.splits import SPLITS, hash_order, split_samples
 from dmoerm.stages.store import StageStore, fingerprint_uri
@@ -21,10 +21,10 @@ def subsample(samples: list[Sample], limit: int | None, seed: int) -> list[Sampl
 
 
 def load_data(cfg: PipelineConfig) -> tuple[list[Sample], dict]:
-    """Load every source (skips reported, never silent) and subsample per category."""
+    """Load every source (skips reported, never silent; a sample id in two sources is a DataError) and
+    subsample per category."""
     samples, report = [], {"sources": []}
-    for src in cfg.data.sources:
-        res = load_source(src)
+    for src, res in zip(cfg.data.sources, load_sources(cfg.data.sources)):
         logger.info(res.summary())
         report["sources"].append({"path": src.path, "loaded": len(res.samples), "skipped": len(res.skipped),
                                   "summary": res.summary()})
