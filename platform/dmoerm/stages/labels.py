@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from dmoerm.config import PipelineConfig
 from dmoerm.configtools import to_dict
-from dmoerm.data.loaders import load_source
+from dmoerm.data.loaders import load_sources
 from dmoerm.data.records import Sample
 from dmoerm.data.splits import hash_order
 from dmoerm.labeling.judge import JudgeConfig
@@ -48,7 +48,7 @@ def label_capabilities(cfg: PipelineConfig, splits: dict[str, list[Sample]], lab
     frac, seed = cfg.labels.expert_val_fraction, cfg.seed
     if cfg.labels.source == "dataset":
         for cap, sources in sorted(cfg.labels.datasets.items()):
-            loaded = [s for src in sources for s in load_source(src).samples]
+            loaded = [s for res in load_sources(sources) for s in res.samples]  # ids unique across them
             clean = [s for s in loaded if s.prompt_key not in held_out]
             excluded = len(loaded) - len(clean)
             clean = subsample(clean, cfg.labels.max_samples_per_capability, seed)
