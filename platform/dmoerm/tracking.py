@@ -115,6 +115,7 @@ class Tracker:
             path = os.path.join(tmp, name)
             fig.savefig(path, dpi=110, bbox_inches="tight")
             self.client.log_artifact(run_id, path, artifact_path="plots")
+        _plt().close(fig)  # pyplot keeps every open figure (and warns past 20)
 
     # ---- a pipeline's child runs ------------------------------------------------------------------
     def log_stage(self, name: str, key: str, info: dict, ran: bool, run_id: str | None = None) -> None:
@@ -143,13 +144,18 @@ class Tracker:
         """An ``evaluate`` stage's report on the parent run: metrics, router confusion and per-category
         accuracy plots, the table."""
         self.log_metrics(self.run_id, {k.replace("/", "."): v for k, v in report["metrics"].items()})
-        self.log_figure(self.run_id, plot_confusion(report["confusion"], report["categories"]),
-                        "router_confusion.png")
+        if report.get("confusion"):  # None: the test samples' categories are not router classes
+            self.log_figure(self.run_id, plot_confusion(report["confusion"], report["categories"]),
+                            "router_confusion.png")
         self.log_figure(self.run_id, plot_accuracy(report["dmoerm"], report["baseline"]), "accuracy_by_category.png")
         self.client.log_text(self.run_id, report["table"], "evaluation/table.txt")
 
 
 # ---- plots --------------------------------------------------------------------------------------
+CHANCE = 0.5
+"""Pairwise accuracy of a random scorer: the reference line on every accuracy plot."""
+
+
 def _plt():
     import matplotlib
 
@@ -159,47 +165,88 @@ def _plt():
     return plt
 
 
+def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95% at ``z=1.96``) of an accuracy measured on ``n`` pairs; (nan, nan)
+    without pairs. It treats pairs as independent; the pairs of one multi-response sample are not, so there
+    it is somewhat too narrow (the promotion's paired bootstrap, which resamples samples, is the decision)."""
+    import math
+
+    if not n or math.isnan(accuracy):
+        return float("nan"), float("nan")
+    denom = 1 + z * z / n
+    centre = (accuracy + z * z / (2 * n)) / denom
+    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _legend_below(fig, handles: list, ncol: int) -> None:
+    """A legend in its own space under the axes (constrained layout), where it cannot cover the data."""
+    fig.legend(handles=handles, loc="outside lower center", ncol=ncol, frameon=False, fontsize="small")
+
+
 def plot_history(history: list[dict], title: str):
-    """Training curve: train loss and validation accuracy per evaluation."""
+    """Training curve: the training batch loss and validation loss (left axis) and the validation pairwise
+    accuracy with the chance line (right axis) at every evaluation, against optimiser steps."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3))
+    fig, loss_ax = plt.subplots(figsize=(6, 3.8), layout="constrained")
     steps = [h["step"] for h in history]
-    ax.plot(steps, [h["train_loss"] for h in history], label="train loss")
-    ax2 = ax.twinx()
-    ax2.plot(steps, [h["val_accuracy"] for h in history], color="tab:orange", label="val accuracy")
-    ax.set_xlabel("step")
-    ax.set_title(title)
-    fig.legend(loc="lower left")
+    handles = loss_ax.plot(steps, [h["train_loss"] for h in history], color="tab:blue", marker=".",
+                           label="train loss (last batch)")
+    if any("val_loss" in h for h in history):
+        handles += loss_ax.plot(steps, [h.get("val_loss", float("nan")) for h in history], color="tab:blue",
+                                linestyle="--", marker=".", label="validation loss")
+    loss_ax.set_xlabel("optimiser step")
+    loss_ax.set_ylabel("loss (pairwise -log sigmoid)", color="tab:blue")
+    acc_ax = loss_ax.twinx()
+    handles += acc_ax.plot(steps, [h["val_accuracy"] for h in history], color="tab:orange", marker="o",
+                           label="validation pairwise accuracy")
+    handles.append(acc_ax.axhline(CHANCE, color="gray", linestyle=":", linewidth=1, label="chance (0.5)"))
+    acc_ax.set_ylim(0, 1)
+    acc_ax.set_ylabel("pairwise accuracy", color="tab:orange")
+    loss_ax.set_title(f"training curve: {title}")
+    _legend_below(fig, handles, ncol=2)
     return fig
 
 
 def plot_confusion(matrix: list[list[int]], categories: list[str]):
+    """Router confusion on the test samples: true category (rows) against routed category (columns)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(categories), 1 + 0.8 * len(categories)))
-    ax.imshow(matrix, cmap="Blues")
+    fig, ax = plt.subplots(figsize=(2.2 + 0.9 * len(categories), 1.6 + 0.8 * len(categories)), layout="constrained")
+    image = ax.imshow(matrix, cmap="Blues")
+    peak = max((v for row in matrix for v in row), default=0)
     for i, row in enumerate(matrix):
         for j, v in enumerate(row):
-            ax.text(j, i, str(v), ha="center", va="center")
-    ax.set_xticks(range(len(categories)), categories, rotation=45)
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > peak / 2 else "black")
+    ax.set_xticks(range(len(categories)), categories, rotation=45, ha="right")
     ax.set_yticks(range(len(categories)), categories)
-    ax.set_xlabel("routed")
-    ax.set_ylabel("true")
-    ax.set_title("router confusion matrix")
+    ax.set_xlabel("routed category")
+    ax.set_ylabel("true category")
+    ax.set_title("router confusion (test samples)")
+    fig.colorbar(image, ax=ax, label="samples")
     return fig
 
 
 def plot_accuracy(dmoerm: dict, baseline: dict | None):
-    """Per-category pairwise accuracy, DMoERM vs the single-RM baseline."""
+    """Pairwise accuracy on the held-out test pairs per category (and overall), DMoERM beside the single-RM
+    baseline, each bar with its 95% Wilson interval over the category's pairs, and the chance line."""
     plt = _plt()
     cats = list(dmoerm)
-    fig, ax = plt.subplots(figsize=(1.5 + 1.1 * len(cats), 3))
-    xs = range(len(cats))
-    ax.bar([x - 0.2 for x in xs], [dmoerm[c]["accuracy"] for c in cats], width=0.4, label="DMoERM")
-    if baseline:
-        ax.bar([x + 0.2 for x in xs], [baseline.get(c, {}).get("accuracy", 0) for c in cats], width=0.4,
-               label="single RM")
-    ax.set_xticks(list(xs), cats)
+    models = [("DMoERM", dmoerm, "tab:blue")] + ([("single RM", baseline, "tab:gray")] if baseline else [])
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(2.5 + 1.2 * len(cats), 4), layout="constrained")
+    handles = []
+    for m, (label, results, color) in enumerate(models):
+        xs = [x - 0.4 + width * (m + 0.5) for x in range(len(cats))]
+        acc = [results.get(c, {}).get("accuracy", float("nan")) for c in cats]
+        bounds = [wilson_interval(a, int(results.get(c, {}).get("pairs", 0))) for a, c in zip(acc, cats)]
+        yerr = [[a - lo for a, (lo, _) in zip(acc, bounds)], [hi - a for a, (_, hi) in zip(acc, bounds)]]
+        handles.append(ax.bar(xs, acc, width=width, color=color, label=label))
+        ax.errorbar(xs, acc, yerr=yerr, fmt="none", ecolor="black", capsize=3, linewidth=1)
+    handles.append(ax.axhline(CHANCE, color="red", linestyle="--", linewidth=1, label="chance (0.5)"))
+    ax.set_xticks(range(len(cats)), [f"{c}\n({int(dmoerm[c].get('pairs', 0))} pairs)" for c in cats])
     ax.set_ylim(0, 1)
+    ax.set_xlabel("category (held-out test pairs)")
     ax.set_ylabel("pairwise accuracy")
-    ax.legend()
+    ax.set_title("pairwise accuracy by category (bars: 95% Wilson interval)")
+    _legend_below(fig, handles, ncol=len(handles))
     return fig
