@@ -29,7 +29,7 @@ from dmoerm.pipeline import Step, open_store, run_pipeline, stage_outcome
 from dmoerm.stages.phase3 import search_step
 from dmoerm.stages.store import StageStore
 from dmoerm.stages.train import ExpertInputs, expert_key
-from dmoerm.submit import forwarded_env
+from dmoerm.submit import forwarded_env, withheld_env
 from dmoerm.tracking import Tracker, open_tracker
 from jobs.label_judge import RayLabeler
 from jobs.train_experts import fit_expert
@@ -95,15 +95,23 @@ class RayExecutor:
 
 
 def init_ray(address: str | None, num_cpus: int | None) -> None:
-    """Join the submitted job's cluster, or ``address``, or start a local Ray instance."""
-    env = forwarded_env()
+    """Join the submitted job's cluster, or ``address``, or start a local Ray instance.
+
+    No secret ever goes into a ``runtime_env`` (Ray shows it in the job info): a local instance's workers
+    inherit this process's environment (secrets included) from the raylet it starts, so only PYTHONPATH
+    is set; a remote cluster gets the non-secret ``forwarded_env`` and its nodes must hold the secrets."""
     if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # a submitted job: its runtime env is set already
         ray.init(address=address or "auto")
     elif address:
+        env = forwarded_env()
+        withheld = withheld_env()
+        if withheld:
+            logging.getLogger(__name__).info("not forwarded to the cluster's workers (secrets; set them on its "
+                                             "nodes): %s", ", ".join(withheld))
         ray.init(address=address, runtime_env={"env_vars": env} if env else None)
     else:
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
+        path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}},
                  logging_level=logging.WARNING)
 
 

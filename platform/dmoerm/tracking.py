@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +18,26 @@ if TYPE_CHECKING:
     from dmoerm.config import PlatformConfig
 
 logger = logging.getLogger(__name__)
-SECRET_WORDS = ("key", "token", "secret", "password")
+SECRET_WORDS = ("key", "apikey", "token", "secret", "password", "passwd", "credentials")
+"""A config key whose words (split at ``_``, ``-``, ``.`` and case changes) include one of these holds a
+secret: its value never reaches MLflow (``api_key``, ``auth_token``; not ``max_tokens`` or ``tokenizer``).
+Keys ending in ``_env`` hold the NAME of a variable and are kept."""
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@]+@")
+_SECRET_QUERY = re.compile(r"(?P<name>[?&][^=&\s#]*(?:key|token|secret|password|signature|credential)[^=&\s#]*=)"
+                           r"[^&\s#]+", re.IGNORECASE)
+
+
+def redact_credentials(text: str) -> str:
+    """``text`` with credentials inside URLs masked: ``https://user:pass@host`` -> ``https://***@host``, and
+    the values of secret-looking query parameters (``?token=...``, ``X-Amz-Signature=...``) -> ``***``."""
+    return _SECRET_QUERY.sub(r"\g<name>***", _URL_USERINFO.sub(r"\g<scheme>***@", text))
+
+
+def _is_secret_key(name: str) -> bool:
+    if name.endswith("_env"):
+        return False
+    words = re.split(r"[_\-.\s]+|(?<=[a-z0-9])(?=[A-Z])", name)
+    return any(w.lower() in SECRET_WORDS for w in words if w)
 
 
 def default_tracking_uri(storage_uri: str) -> str:
@@ -52,17 +72,19 @@ def ensure_experiment(client, name: str, artifact_location: str | None) -> str:
 
 
 def flatten_params(obj: Any, prefix: str = "") -> dict[str, str]:
-    """Config -> ``{"phase1.lr": "0.0001", ...}``; values under secret-looking keys are dropped."""
+    """Config -> ``{"phase1.lr": "0.0001", ...}``; values under secret keys (:data:`SECRET_WORDS`) are
+    dropped (and logged by name), credentials inside URL values are masked (:func:`redact_credentials`)."""
     out: dict[str, str] = {}
     data = to_dict(obj)
     if isinstance(data, dict):
         for k, v in data.items():
             key = f"{prefix}.{k}" if prefix else str(k)
-            if any(w in str(k).lower() for w in SECRET_WORDS) and not str(k).endswith("_env"):
+            if _is_secret_key(str(k)):
+                logger.debug("not logging parameter %s: its name says it holds a secret", key)
                 continue
             out.update(flatten_params(v, key))
     else:
-        out[prefix] = str(data)[:500]
+        out[prefix] = redact_credentials(str(data))[:500]
     return out
 
 

@@ -21,10 +21,10 @@ def fake_judge() -> Iterator[FakeJudge]:
 
 @pytest.fixture
 def judge_cfg(fake_judge: FakeJudge, tmp_path: Path) -> JudgeConfig:
-    """A config pointing at the fake judge, with a fresh cache file and fast backoff."""
+    """A config pointing at the fake judge, with a fresh cache folder and fast backoff."""
     return JudgeConfig(base_url=fake_judge.url, model="fake-judge", concurrency=4, max_retries=3,
                        timeout_s=5.0, backoff_s=0.01, backoff_max_s=0.5,
-                       cache_path=str(tmp_path / "judge.sqlite"))
+                       cache_path=str(tmp_path / "judge-cache"))
 
 
 def make_sample(sample_id: str, responses: list[str], ranks: list[int],

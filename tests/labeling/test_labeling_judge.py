@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from dmoerm.labeling import (
     label_samples_async,
     parse_verdict,
 )
+from dmoerm.labeling.cache import count_answers
 
 CAPS = {"chat": ["detail"]}
 
@@ -193,11 +193,8 @@ def test_resume_after_cancellation_mid_run(fake_judge, judge_cfg):
     fake_judge.latency_s = 0.05
     samples = [make_sample(f"s{k}", ["x" * (k + 1), "y" * (k + 3)], [1, 2]) for k in range(12)]  # 24 qs
 
-    def committed() -> int:
-        if not Path(judge_cfg.cache_path).exists():
-            return 0
-        with sqlite3.connect(judge_cfg.cache_path) as db:  # a second reader, as another process would be
-            return db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+    def committed() -> int:  # a second reader of the stored answer objects, as another process would be
+        return count_answers(judge_cfg.cache_path)
 
     async def run_then_cancel() -> None:
         task = asyncio.ensure_future(label_samples_async(samples, CAPS, judge_cfg, progress=False))
@@ -235,8 +232,8 @@ def test_api_key_is_sent_as_bearer_and_never_stored(fake_judge, judge_cfg, monke
     with caplog.at_level("DEBUG"):
         label_samples([three_responses()], CAPS, cfg, progress=False)
     assert fake_judge.auth_headers == [f"Bearer {secret}"] * 6
-    stored = b"".join(p.read_bytes() for p in Path(cfg.cache_path).parent.glob("judge.sqlite*"))
-    assert b"sqlite" in stored.lower() and secret.encode() not in stored
+    stored = b"".join(p.read_bytes() for p in Path(cfg.cache_path).rglob("*") if p.is_file())
+    assert b'"content"' in stored and secret.encode() not in stored
     assert secret not in caplog.text and secret not in repr(cfg)
 
 
@@ -293,8 +290,7 @@ def test_a_killed_labeling_process_loses_no_committed_answer(fake_judge, judge_c
         child.wait()
     while fake_judge.inflight:
         time.sleep(0.01)
-    with sqlite3.connect(judge_cfg.cache_path) as db:
-        num_committed = db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+    num_committed = count_answers(judge_cfg.cache_path)
     assert 12 - judge_cfg.concurrency <= num_committed < 60
     before = fake_judge.total_answered
     samples = [make_sample(f"s{k}", ["x" * (k + 1), "y" * (k + 3)], [1, 2]) for k in range(30)]

@@ -2,8 +2,12 @@
 
 For every pair of responses of a sample and every capability point of its category, the judge is asked
 which response is better with respect to that capability, twice, with the two responses swapped; only
-verdicts that agree after the swap become labels. Every answer is committed to a durable cache before it
-is used, so a re-run (or a run after a crash) never pays for the same question twice.
+verdicts that agree after the swap become labels. Every answer is written to the answer cache
+(:mod:`dmoerm.labeling.cache`, keyed by the question, on local or S3 storage) as soon as it is paid for, so
+a re-run, a run after a crash, or a run on a resized cluster never pays for the same question twice.
+
+Secrets: the API key is read from the environment variable ``api_key_env`` names, at call time, and never
+stored or logged; credentials inside ``base_url`` (``https://user:pass@host``) are masked in every message.
 """
 
 from __future__ import annotations
@@ -16,12 +20,12 @@ import random
 import re
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dmoerm.data.records import Sample
-from dmoerm.labeling.cache import AnswerCache, CachedAnswer
+from dmoerm.labeling.cache import AnswerCache, CachedAnswer, Key
 from dmoerm.labeling.prompts import Verdict, build_messages, parse_verdict, question_sha256
+from dmoerm.tracking import redact_credentials
 
 if TYPE_CHECKING:
     import httpx
@@ -44,7 +48,9 @@ class JudgeConfig:
     model: str
     """Judge model name sent with every request; part of the cache key."""
     api_key_env: str = "OPENAI_API_KEY"
-    """NAME of the environment variable holding the API key, read at call time; unset or "" = no key."""
+    """NAME of the environment variable holding the API key, read at call time; unset or "" = no key. A
+    submitted job reads it from the cluster's own environment (set it on the nodes, e.g. from a Kubernetes
+    secret); ``dmoerm submit`` never forwards it."""
     concurrency: int = 8
     """Maximum number of requests in flight at once."""
     max_retries: int = 5
@@ -62,7 +68,9 @@ class JudgeConfig:
     capability_descriptions: dict[str, str] = field(default_factory=dict)
     """Capability name -> one-line description shown to the judge (optional per capability)."""
     cache_path: str | None = None
-    """SQLite file of answered questions (created if missing). ``None`` = in memory, lost on a crash."""
+    """Folder (a local path or ``s3://bucket/prefix``) of the shared answer cache, one object per answered
+    question (:mod:`dmoerm.labeling.cache`). ``None``: ``<platform.storage_uri>/judge-cache`` in the
+    pipeline; in memory (lost on a crash) in a bare ``label_samples`` call."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.base_url, str) or not re.match(r"^https?://[^/\s]+", self.base_url):
@@ -89,6 +97,16 @@ class JudgeConfig:
             raise ValueError("JudgeConfig.capability_descriptions must map capability names to strings")
         if self.cache_path is not None:
             self.cache_path = str(self.cache_path)
+
+    def __repr__(self) -> str:  # base_url may carry credentials (https://user:pass@host)
+        shown = ", ".join(f"{f}={redact_credentials(repr(v)) if f == 'base_url' else repr(v)}"
+                          for f, v in self.__dict__.items())
+        return f"JudgeConfig({shown})"
+
+    @property
+    def public_url(self) -> str:
+        """``base_url`` with any credentials masked: what messages and logs show."""
+        return redact_credentials(self.base_url)
 
 
 def _check_number(name: str, value: Any, kind: type, *, minimum: float, strict: bool = False) -> None:
@@ -120,8 +138,19 @@ class JudgeClient:
     """Async chat-completions client with bounded concurrency and retries. Use ``async with``."""
 
     def __init__(self, cfg: JudgeConfig, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        from urllib.parse import unquote, urlsplit
+
         self.cfg = cfg
-        self.url = f"{cfg.base_url}/chat/completions"
+        # Credentials in the URL (https://user:pass@host) travel as basic auth, never in a URL that httpx
+        # (whose INFO log names every request's URL) or an error message could show.
+        parts = urlsplit(cfg.base_url)
+        self._auth = None
+        if parts.username is not None or parts.password is not None:
+            self._auth = (unquote(parts.username or ""), unquote(parts.password or ""))
+            parts = parts._replace(netloc=parts.netloc.rpartition("@")[2])
+        self.url = f"{parts.geturl()}/chat/completions"
+        self.public_url = self.url
+        """The URL messages show (``url``: it carries no credentials)."""
         self.num_retries = 0
         """Retries made so far by this client (all questions)."""
         self._transport = transport
@@ -132,7 +161,7 @@ class JudgeClient:
         import httpx
 
         self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(self.cfg.timeout_s), transport=self._transport,
+            timeout=httpx.Timeout(self.cfg.timeout_s), transport=self._transport, auth=self._auth,
             limits=httpx.Limits(max_connections=self.cfg.concurrency,
                                 max_keepalive_connections=self.cfg.concurrency))
         return self
@@ -174,7 +203,7 @@ class JudgeClient:
                 if resp.status_code < 500 and resp.status_code not in _RETRYABLE_STATUS:
                     hint = (f" (is ${self.cfg.api_key_env} set to a valid key?)"
                             if resp.status_code in (401, 403) else "")
-                    raise JudgeError(f"judge {self.url} refused the request with HTTP {resp.status_code}: "
+                    raise JudgeError(f"judge {self.public_url} refused the request with HTTP {resp.status_code}: "
                                      f"{message}{hint}")
                 failure = f"HTTP {resp.status_code}: {message}"
                 retry_after = _retry_after_s(resp.headers.get("retry-after"))
@@ -185,7 +214,8 @@ class JudgeClient:
             logger.debug("judge retry %d/%d in %.2fs after %s", attempt + 1, self.cfg.max_retries, delay,
                          failure)
             await asyncio.sleep(delay)
-        raise JudgeError(f"judge {self.url} failed {self.cfg.max_retries + 1} times; last error: {failure}. "
+        raise JudgeError(f"judge {self.public_url} failed {self.cfg.max_retries + 1} times; last error: "
+                         f"{redact_credentials(failure)}. "
                          f"Answers received so far are cached: re-running resumes from them.")
 
     def _parse(self, resp: httpx.Response) -> JudgeAnswer:
@@ -194,7 +224,7 @@ class JudgeClient:
             content = data["choices"][0]["message"].get("content")
             usage = data.get("usage") or {}
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
-            raise JudgeError(f"judge {self.url} answered HTTP 200 but not a chat completion "
+            raise JudgeError(f"judge {self.public_url} answered HTTP 200 but not a chat completion "
                              f"({type(e).__name__}): {resp.text[:300]!r}") from e
         content = content if isinstance(content, str) else None
         return JudgeAnswer(content, parse_verdict(content), int(usage.get("prompt_tokens") or 0),
@@ -248,7 +278,6 @@ def _consistent(i: int, j: int, v_ab: Verdict | None, v_ba: Verdict | None) -> t
 
 # ----------------------------------------------------------------------------- labeling a dataset
 
-Key = tuple[str, str]  # (question sha256, order)
 
 
 @dataclass
@@ -330,16 +359,10 @@ async def label_samples_async(samples: list[Sample], capabilities: dict[str, lis
                     comparisons.append((s, cap, i, j, keys[0], keys[1]))
     report.questions_total = len(questions)
 
-    contents: dict[Key, str | None] = {}
-    with AnswerCache(None if cfg.cache_path is None else Path(cfg.cache_path)) as cache, \
+    with AnswerCache(cfg.cache_path) as cache, \
             tqdm(total=len(questions), desc=f"judge {cfg.model}", unit="q", disable=not progress) as bar:
-        pending: list[tuple[Key, list[dict[str, str]]]] = []
-        for key, msgs in questions.items():
-            hit = cache.get(cfg.model, *key)
-            if hit is None:
-                pending.append((key, msgs))
-            else:
-                contents[key] = hit.content
+        contents: dict[Key, str | None] = {k: a.content for k, a in cache.get_many(cfg.model, list(questions)).items()}
+        pending = [(key, msgs) for key, msgs in questions.items() if key not in contents]
         report.cache_hits = len(contents)
         bar.update(report.cache_hits)
         if pending:
@@ -367,8 +390,10 @@ async def label_samples_async(samples: list[Sample], capabilities: dict[str, lis
 
 async def _ask_pending(pending: list[tuple[Key, list[dict[str, str]]]], cfg: JudgeConfig, cache: AnswerCache,
                        contents: dict[Key, str | None], report: LabelReport, bar: Any) -> None:
-    """Ask every pending question with ``cfg.concurrency`` workers; commit each answer as it arrives."""
+    """Ask every pending question with ``cfg.concurrency`` workers; store each answer as it arrives."""
     todo = iter(pending)  # shared by the workers: next() never yields to the event loop
+    if cfg.api_key_env and not os.environ.get(cfg.api_key_env):
+        logger.info("$%s is not set in this process: judge requests carry no API key", cfg.api_key_env)
 
     async with JudgeClient(cfg) as client:
         async def worker() -> None:

@@ -82,6 +82,13 @@ def label_step(cfg: PipelineConfig, store: StageStore, route_key: str, labeler: 
     if cfg.labels.judge is not None:  # the cache location does not change the labels
         label_cfg["judge"].pop("cache_path", None)
         label_cfg["judge"].pop("concurrency", None)
+        if cfg.labels.judge.cache_path is None:  # default: on the run's storage, shared by every run and worker
+            from dataclasses import replace
+
+            from dmoerm.storage import join_uri
+
+            judge = replace(cfg.labels.judge, cache_path=join_uri(cfg.platform.storage_uri, "judge-cache"))
+            cfg = replace(cfg, labels=replace(cfg.labels, judge=judge))
     files = {s.path: fingerprint_uri(s.path) for v in cfg.labels.datasets.values() for s in v}
     key = store.key(route=route_key, labels=label_cfg, files=files, taxonomy=cfg.taxonomy, seed=cfg.seed)
     if store.done("labels", key) is None:
