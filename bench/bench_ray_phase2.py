@@ -80,7 +80,7 @@ def build_config(storage: Path, *, samples_per_file: int, label_samples: int, ep
         "phase2": {"lr": 5e-4, "epochs": epochs, "batch_size": 16, "patience": epochs},
         "phase3": {"lr": 1e-3, "epochs": 5, "batch_size": 32, "patience": 5},
         "baseline": False,
-        "platform": {"storage_uri": str(storage), "experiment": "bench", "feature_dtype": "float32",
+        "platform": {"storage_uri": str(storage), "experiment": "bench",
                      "expert_resources": {"num_workers": 1, "cpus_per_worker": 1, "max_failures": 0},
                      **({"tune": tune} if tune else {})},
     }

@@ -5,7 +5,7 @@ The pipeline's stages up to ``features`` run once, keyed and kept under the scra
 weights do not change the cost). Then the same Tune search (same search space, ``--trials`` random-search trials,
 ``--epochs`` epochs each, ``max_concurrent`` 2, ASHA with ``grace_period = max_t`` so no trial is stopped early,
 each trial 1 CPU on ``ray.init(num_cpus=2)``) runs twice on one category:
-  cached      ``tuning.search_aggregator.search_aggregator`` itself: trials train the aggregator on the features the
+  cached      ``tuning.search_hparams.search_hparams`` itself: trials train the aggregator on the features the
               ``features`` stage computed once;
   recomputed  the released research code's way: a trial loads the frozen experts and the trunk cache, and
               recomputes every expert's pooled hidden state from the cached trunk states for every batch of every
@@ -51,7 +51,7 @@ def _recompute_trainable(config: dict, *, cfg: PipelineConfig, storage: str, key
 
     from dmoerm.modeling.aggregator import Aggregator
     from dmoerm.modeling.top import run_experts
-    from dmoerm.stages.phase3 import METRIC, trial_settings
+    from dmoerm.stages.search import METRIC, trial_settings
     from dmoerm.training.loop import fit_pairwise
     from dmoerm.training.phases import human_groups
 
@@ -84,19 +84,19 @@ def _recompute_trainable(config: dict, *, cfg: PipelineConfig, storage: str, key
 
 
 def recomputed_search(cfg: PipelineConfig, storage: str, keys: dict) -> tuple[float, list[dict]]:
-    """The Tuner of ``search_aggregator`` (random search) with the recomputing trainable."""
+    """The Tuner of ``search_hparams`` (random search) with the recomputing trainable."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from dmoerm.stages.phase3 import METRIC
-    from tuning.search_aggregator import param_space
+    from dmoerm.stages.search import METRIC, SearchTarget, search_space
+    from tuning.search_hparams import param_space
 
     spec = cfg.platform.tune
     trainable = tune.with_parameters(_recompute_trainable, cfg=cfg, storage=storage, keys=keys,
                                      max_epochs=spec.max_epochs)
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": 1}),
-        param_space=param_space(spec),
+        param_space=param_space(search_space(cfg, SearchTarget.aggregator("", CATEGORY))),
         tune_config=tune.TuneConfig(metric=METRIC, mode="max", num_samples=spec.num_samples, search_alg=None,
                                     scheduler=ASHAScheduler(max_t=spec.max_epochs, grace_period=spec.grace_period,
                                                             time_attr="epoch"),
@@ -154,26 +154,27 @@ def main() -> None:
 
     import ray
 
-    from tuning.search_aggregator import param_space, search_aggregator
+    from dmoerm.stages.search import SearchTarget, search_space
+    from tuning.search_hparams import experiment_name, search_hparams
 
     shutil.rmtree(root / "storage" / "ray_tune", ignore_errors=True)
     ray_init(2)
     # cached first, then recomputed, in the same Ray session on the same inputs
     seed_all(cfg.seed)
     start = time.perf_counter()
-    best = search_aggregator(cfg, store, features, CATEGORY)
+    target = SearchTarget.aggregator(features, CATEGORY)
+    best = search_hparams(cfg, store, target)
     cached_s = time.perf_counter() - start
     load["after_cached"] = [round(x, 2) for x in os.getloadavg()]
     log(f"cached search {cached_s:.1f} s: {best}")
-    cached_configs = _tune_configs(root / "storage" / "ray_tune", f"aggregator-{CATEGORY}-{features}",
-                                   list(param_space(cfg.platform.tune)))
+    names = list(search_space(cfg, target))
+    cached_configs = _tune_configs(root / "storage" / "ray_tune", experiment_name(target), names)
     recomputed_s, recomputed_configs = recomputed_search(
         cfg, storage, {"route": route, "trunk": trunk, "phase1": tops[CATEGORY], "experts": expert_keys})
     load["after_recomputed"] = [round(x, 2) for x in os.getloadavg()]
     log(f"recomputed search {recomputed_s:.1f} s")
     ray.shutdown()
 
-    names = list(param_space(cfg.platform.tune))
     same = sorted(json.dumps({k: c[k] for k in names}, sort_keys=True) for c in recomputed_configs) == cached_configs
     figures = {
         "trials": args.trials, "epochs_per_trial": args.epochs, "max_concurrent": 2,

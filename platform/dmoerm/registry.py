@@ -238,33 +238,66 @@ def register_evaluation(client: MlflowClient, tracking_uri: str, run_id: str, na
                         store: StageStore, evaluation: str) -> tuple[str, dict[str, Any]]:
     """Log an ``evaluate`` stage's bundle as a pyfunc model of run ``run_id``, register it under ``name``
     with its metrics and per-pair outcomes, and move ``platform.alias`` only if it beats the holder on the
-    same pairs (the first model: the single-RM baseline). Idempotent: a version that already holds this
-    evaluation is returned as it is (``"skipped": True``). Returns (version, decision)."""
+    same pairs (the first model: the single-RM baseline). A holder evaluated on other pairs (other data or
+    splits) is re-scored on this candidate's test samples; if that fails, promotion is refused with the
+    reason recorded. Idempotent: a version that already holds this evaluation and its decision is returned
+    as it is (``"skipped": True``); one registered by a run that stopped before deciding is decided, never
+    registered twice. Returns (version, decision)."""
     import mlflow
 
     from dmoerm.mlflow_model import log_bundle_model
 
-    for mv in _versions(client, name):
-        if mv.tags.get("dmoerm.evaluation_key") == evaluation and "dmoerm.promotion.decision" in mv.tags:
+    mine = [mv for mv in _versions(client, name) if mv.tags.get("dmoerm.evaluation_key") == evaluation]
+    for mv in mine:
+        if "dmoerm.promotion.decision" in mv.tags:
             log.info("%-28s skipped: %s version %s holds this evaluation", "register", name, mv.version)
             return mv.version, {"promote": mv.tags["dmoerm.promotion.decision"] == "promoted",
                                 "reason": mv.tags.get("dmoerm.promotion.reason", ""), "skipped": True}
     report = store.get_json("evaluate", evaluation, "report.json")
     outcomes = {k: PairOutcome(*v) for k, v in store.get_json("evaluate", evaluation, "pair_outcomes.json").items()}
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id):
-        info = log_bundle_model(store.path("evaluate", evaluation, "bundle"))
-    mv = register_version(client, name, info.model_uri, run_id, model_id=info.model_id,
-                          metrics={k: v for k, v in report["metrics"].items() if v == v},
-                          tags={"dmoerm.evaluation_key": evaluation}, pair_outcomes=outcomes)
-    baseline = None
-    if get_alias(client, name, platform.alias) is None:
+    if mine:  # registered by a run that stopped before the decision: decide it now
+        mv = mine[0]
+        log.info("%-28s resumed: %s version %s holds this evaluation, undecided", "register", name, mv.version)
+    else:
+        mlflow.set_tracking_uri(tracking_uri)
+        with mlflow.start_run(run_id=run_id):
+            info = log_bundle_model(store.path("evaluate", evaluation, "bundle"))
+        mv = register_version(client, name, info.model_uri, run_id, model_id=info.model_id,
+                              metrics={k: v for k, v in report["metrics"].items() if v == v},
+                              tags={"dmoerm.evaluation_key": evaluation}, pair_outcomes=outcomes)
+    holder = get_alias(client, name, platform.alias)
+    if holder is None:
         raw = store.get_json("evaluate", evaluation, "baseline_pair_outcomes.json")
-        baseline = {k: PairOutcome(*v) for k, v in raw.items()}
-    decision = decide_against_champion(client, name, mv.version, platform.promotion, alias=platform.alias,
-                                       baseline=baseline)
+        decision = decide(outcomes, {k: PairOutcome(*v) for k, v in raw.items()}, platform.promotion)
+    else:
+        try:
+            incumbent = holder_outcomes(client, tracking_uri, name, holder.version, outcomes, store, evaluation)
+            decision = decide(outcomes, incumbent, platform.promotion)
+        except Exception as err:  # noqa: BLE001 - any failure to compare refuses, with the reason recorded
+            log.warning("%s version %s: cannot compare with version %s: %s", name, mv.version, holder.version, err)
+            decision = Decision(False, f"Refused: could not compare with '{platform.alias}' version "
+                                f"{holder.version} on this candidate's test pairs: {type(err).__name__}: {err}",
+                                float("nan"), float("nan"), float("nan"))
     promote(client, name, mv.version, decision, alias=platform.alias)
     return mv.version, {"promote": decision.promote, "reason": decision.reason}
+
+
+def holder_outcomes(client: MlflowClient, tracking_uri: str, name: str, version: str, candidate: PairOutcomes,
+                    store: StageStore, evaluation: str) -> dict[str, PairOutcome]:
+    """The holder's outcomes on the candidate's pairs: its stored ones when they are the same pairs, else its
+    bundle (from the registry) scored on the candidate's test samples, the same way the candidate was."""
+    stored = load_pair_outcomes(client, name, version)
+    if set(stored) == set(candidate):
+        return stored
+    from dmoerm.bundle import load_bundle
+    from dmoerm.evaluation import evaluate
+    from dmoerm.serving.source import resolve_model
+
+    samples = store.get_samples("evaluate", evaluation, "test.jsonl")
+    log.info("%s version %s was evaluated on other pairs (%d shared of %d): re-scoring it on the candidate's "
+             "%d test samples", name, version, len(set(stored) & set(candidate)), len(candidate), len(samples))
+    ref = resolve_model(f"models:/{name}/{version}", tracking_uri)
+    return dict(evaluate(load_bundle(ref.path).model, samples).outcomes)
 
 
 def _versions(client: MlflowClient, name: str) -> list:

@@ -47,7 +47,7 @@ def write_config(folder: Path, base: str, data: dict[str, str], storage: str, tr
         "phase1": {"lr": 5e-3, "epochs": 3, "batch_size": 16, "patience": 3},
         "phase2": {"lr": 5e-3, "epochs": 3, "batch_size": 16, "patience": 3},
         "phase3": {"lr": 3e-3, "epochs": 20, "batch_size": 16, "patience": 5},
-        "platform": {"storage_uri": storage, "experiment": "tiny", "feature_dtype": "float32",
+        "platform": {"storage_uri": storage, "experiment": "tiny",
                      "tune": {"num_samples": 3, "max_concurrent": 2, "max_epochs": 8, "grace_period": 2,
                               "lr": [1e-3, 1e-2], "hidden_sizes": [16, 32]},
                      "promotion": {"num_bootstrap": 500}},

@@ -26,4 +26,4 @@ def model_id(cfg: PipelineConfig) -> dict:
     """What identifies the frozen base in a stage key."""
     m = cfg.model
     return {"base": m.base, "revision": m.revision, "top_layers": m.top_layers, "pooling": m.pooling,
-            "max_length": m.max_length}
+            "max_length": m.max_length, "precision": m.precision}

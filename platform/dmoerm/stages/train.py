@@ -16,8 +16,10 @@ from dmoerm.config import PipelineConfig
 from dmoerm.data.records import Sample
 from dmoerm.modeling.top import TopStack, attach_experts, owned_by
 from dmoerm.stages.base import backbone_for, model_id
+from dmoerm.stages.budget import baseline_train_samples
 from dmoerm.stages.data import splits_of
 from dmoerm.stages.labels import capability_samples
+from dmoerm.stages.search import baseline_settings
 from dmoerm.stages.store import StageStore
 from dmoerm.training.features import TrunkCache, load_trunk_cache, row_key, save_trunk_cache
 from dmoerm.training.loop import FitHooks, FitResult
@@ -28,7 +30,7 @@ from dmoerm.training.phases import capability_groups, train_expert, train_top
 def trunk_step(cfg: PipelineConfig, store: StageStore, route_key: str, label_key: str) -> str:
     """Trunk states of every row a later stage trains or validates on: phase 1, phase 3, validation and
     every capability label's rows."""
-    key = store.key(route=route_key, labels=label_key, model=model_id(cfg), dtype=cfg.platform.feature_dtype)
+    key = store.key(route=route_key, labels=label_key, model=model_id(cfg))
     if store.done("trunk", key) is None:
         splits = splits_of(store, "route", route_key)
         cache = TrunkCache(backbone_for(cfg), batch_size=cfg.model.feature_batch_size)
@@ -37,7 +39,7 @@ def trunk_step(cfg: PipelineConfig, store: StageStore, route_key: str, label_key
             rows += store.get_samples("labels", label_key, entry["file"])
         cache.add_samples(rows)
         save_trunk_cache(cache, str(store.local("trunk", key) / "trunk.safetensors"),
-                         getattr(torch, cfg.platform.feature_dtype))
+                         getattr(torch, cfg.model.precision))
         store.mark_done("trunk", key, {"rows": len(cache)})
     return key
 
@@ -58,20 +60,31 @@ def checkpoint_hooks(store: StageStore, stage: str, key: str) -> FitHooks:
 
 
 # ---- phase 1 and the baseline --------------------------------------------------------------------
-def top_step(cfg: PipelineConfig, store: StageStore, route_key: str, trunk_key: str, category: str | None) -> str:
-    """Phase 1 for ``category`` on its phase-1 samples, or the single-RM baseline (``category`` None) on
-    every human-ranked training sample DMoERM saw: phase 1 and phase 3 of all categories."""
+def top_step(cfg: PipelineConfig, store: StageStore, route_key: str, trunk_key: str, category: str | None,
+             label_key: str | None = None, search_key: str | None = None) -> str:
+    """Phase 1 for ``category`` on its phase-1 samples, or (``category`` None) the single-RM baseline on every
+    human-ranked sample any part of DMoERM learnt from (``stages.budget``: phase 1, phase 3 and the label
+    sources of ``label_key``), with its searched settings when ``search_key`` is given."""
     stage = "phase1" if category else "baseline"
-    key = store.key(route=route_key, trunk=trunk_key, category=category, settings=cfg.phase1, seed=cfg.seed)
+    settings = cfg.phase1
+    if category is None:
+        if label_key is None:
+            raise ValueError("the baseline needs the labels stage's key (its label-source samples)")
+        if search_key is not None:
+            settings = baseline_settings(store.get_json("search", search_key, "best.json")["config"], cfg.phase1,
+                                         trial=False)
+    parts = {"labels": label_key} if category is None else {}
+    key = store.key(route=route_key, trunk=trunk_key, category=category, settings=settings, seed=cfg.seed, **parts)
     if store.done(stage, key) is None:
         splits = splits_of(store, "route", route_key, category)
-        train = splits["phase1"] if category else splits["phase1"] + splits["phase3"]
+        train = splits["phase1"] if category else baseline_train_samples(store, route_key, label_key)
         cache = trunk_cache(cfg, store, trunk_key, train + splits["val"])
-        top, result = train_top(backbone_for(cfg), cache, train, splits["val"], cfg.phase1, seed=cfg.seed,
+        top, result = train_top(backbone_for(cfg), cache, train, splits["val"], settings, seed=cfg.seed,
                                 desc=f"{category}/phase1" if category else "baseline",
                                 hooks=checkpoint_hooks(store, stage, key))
         save_tensors(top.state_dict(), store.local(stage, key) / "top.safetensors")
-        store.mark_done(stage, key, {"val_accuracy": result.best_val_accuracy, "steps": result.steps})
+        store.mark_done(stage, key, {"val_accuracy": result.best_val_accuracy, "steps": result.steps,
+                                     "train_samples": len(train)})
     return key
 
 

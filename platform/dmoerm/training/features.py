@@ -83,7 +83,7 @@ class TrunkCache:
         return hidden, mask
 
 
-def save_trunk_cache(cache: TrunkCache, path: str, dtype: torch.dtype = torch.float16) -> None:
+def save_trunk_cache(cache: TrunkCache, path: str, dtype: torch.dtype = torch.float32) -> None:
     """One safetensors file, one tensor per row named by its row key."""
     from safetensors.torch import save_file
 
