@@ -133,10 +133,15 @@ class TruncationStats:
         at = f" at max_length {self.max_length}" if self.max_length else ""
         if not self.truncated_rows:
             return f"truncation: none of {self.rows} rows cut{at}"
+        parts = []
+        if self.response_truncated_rows:
+            parts.append(f"{self.response_truncated_rows} responses (median {self.median_response_kept:.0%} of a "
+                         f"cut response kept, {self.response_tokens_dropped} tokens dropped from their end)")
+        if self.context_truncated_rows:
+            parts.append(f"{self.context_truncated_rows} contexts ({self.context_tokens_dropped} tokens dropped "
+                         "from their start)")
         return (f"truncation: {self.truncated_rows} of {self.rows} rows ({self.fraction:.0%}) cut{at}: "
-                f"{self.response_truncated_rows} responses (median {self.median_response_kept:.0%} of a cut "
-                f"response kept, {self.response_tokens_dropped} tokens dropped), {self.context_truncated_rows} "
-                f"contexts ({self.context_tokens_dropped} tokens dropped from their start)")
+                + ", ".join(parts))
 
 
 @dataclass
@@ -273,9 +278,10 @@ def evaluate(model, samples: Sequence[Sample], baseline=None, *, truncation_warn
     trunc = TruncationStats.of([s for row in scored for s in row], getattr(backbone, "max_length", None))
     notes = []
     if trunc.fraction > truncation_warning:
-        notes.append(f"WARNING: {trunc.fraction:.0%} of the rows were truncated (above {truncation_warning:.0%}): "
-                     "the accuracies describe the responses' beginnings; raise model.max_length to see more")
-        logger.warning("%s", notes[-1])
+        warning = (f"{trunc.fraction:.0%} of the rows were truncated (above {truncation_warning:.0%}): the "
+                   "model saw only part of them; a larger model.max_length shows it more")
+        notes.append(f"WARNING: {warning}")
+        logger.warning("%s", warning)
     if identical:
         logger.warning("%d pair(s) are identical inputs after truncation and were not scored", len(identical))
     interval = None
