@@ -13,6 +13,7 @@ from dmoerm.config import PipelineConfig
 from dmoerm.evaluation import evaluate
 from dmoerm.modeling.reward_model import CategoryModel, RewardModel, SingleRewardModel
 from dmoerm.stages.base import backbone_for
+from dmoerm.stages.budget import budget_lines, data_budgets
 from dmoerm.stages.data import splits_of
 from dmoerm.stages.phase3 import aggregator_spec, load_aggregator
 from dmoerm.stages.route import load_router
@@ -42,9 +43,18 @@ def training_metrics(store: StageStore, route_key: str, categories: dict[str, Ca
     return out
 
 
-def evaluate_step(cfg: PipelineConfig, store: StageStore, data_key: str, route_key: str,
+def tuning_note(cfg: PipelineConfig) -> str:
+    """The tuning each model of the comparison had, as the report states it."""
+    t = cfg.platform.tune
+    if not t.enabled:
+        return "none for either model (platform.tune.enabled: false)"
+    who = "each category's aggregator" + (" and the single RM" if cfg.baseline else "")
+    return f"{t.num_samples} {t.search} trials for {who} (platform.tune)"
+
+
+def evaluate_step(cfg: PipelineConfig, store: StageStore, data_key: str, route_key: str, label_key: str,
                   categories: dict[str, CategoryKeys], baseline_key: str | None) -> str:
-    key = store.key(route=route_key, categories=categories, baseline=baseline_key)
+    key = store.key(route=route_key, labels=label_key, categories=categories, baseline=baseline_key)
     if store.done("evaluate", key) is None:
         bb = backbone_for(cfg)
         cats = {}
@@ -58,6 +68,8 @@ def evaluate_step(cfg: PipelineConfig, store: StageStore, data_key: str, route_k
         baseline = SingleRewardModel(bb, base_top, cfg.model.feature_batch_size) if base_top is not None else None
         splits = splits_of(store, "route", route_key)
         report = evaluate(model, splits["test"], baseline)
+        budgets = {**data_budgets(store, route_key, label_key, baseline is not None), "tuning": tuning_note(cfg)}
+        report.notes.extend(budget_lines(budgets, budgets["tuning"]))
         data = {k: v for k, v in (store.done("data", data_key) or {}).items() if k != "run"}
         counts = Counter(s.category for part in splits.values() for s in part)
         save_bundle(store.local("evaluate", key) / "bundle", model, lora=cfg.model.lora,
@@ -65,11 +77,11 @@ def evaluate_step(cfg: PipelineConfig, store: StageStore, data_key: str, route_k
                     router_width=cfg.router.width, baseline=base_top,
                     metrics={**training_metrics(store, route_key, categories, baseline_key), **report.metrics()},
                     extra={"name": cfg.name, "data": data, "category_counts": dict(counts)})
-        store.put_json("evaluate", key, "report.json", {"metrics": report.metrics(), "dmoerm": report.dmoerm,
-                                                        "baseline": report.baseline, "table": report.table(),
-                                                        "confusion": report.confusion,
-                                                        "categories": report.categories})
+        summary = {k: v for k, v in report.to_dict().items() if k != "pairs"}  # pairs: the outcome files below
+        store.put_json("evaluate", key, "report.json", {**summary, "table": report.table(),
+                                                        "budgets": budgets})
         store.put_json("evaluate", key, "pair_outcomes.json", {k: list(v) for k, v in report.outcomes.items()})
+        store.put_samples("evaluate", key, "test.jsonl", splits["test"])  # a later holder is re-scored on it
         if report.baseline_outcomes is not None:
             store.put_json("evaluate", key, "baseline_pair_outcomes.json",
                            {k: list(v) for k, v in report.baseline_outcomes.items()})
