@@ -130,6 +130,35 @@ def length_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: in
     return batches
 
 
+CHARS_PER_TOKEN = 32
+"""A generous bound on the characters one token spans (about 4 in English prose): ``tokenize`` cuts a
+text to ``max_length * CHARS_PER_TOKEN`` characters before tokenizing it."""
+
+
+def _cut_text(text: str, limit: int, keep: Literal["start", "end"]) -> tuple[str, int]:
+    """(the text cut to at most ``limit`` characters, how many were cut). The cut falls where a run of
+    whitespace starts (within the last quarter of the window) so no word is split: the tokens next to
+    the cut are those of the whole text."""
+    if len(text) <= limit:
+        return text, 0
+
+    def boundary(p: int) -> bool:
+        return text[p].isspace() and not text[p - 1].isspace()
+
+    if keep == "end":
+        start = len(text) - limit
+        p = next((q for q in range(start, start + limit // 4) if boundary(q)), start)
+        return text[p:], p
+    p = next((q for q in range(limit, limit - limit // 4, -1) if boundary(q)), limit)
+    return text[:p], len(text) - p
+
+
+def _estimate(ids: Sequence[int], cut: tuple[str, int]) -> int:
+    """Tokens in the ``cut[1]`` characters cut from a text, at the rate of the ``cut[0]`` that was kept."""
+    text, dropped = cut
+    return 0 if dropped == 0 else max(1, round(dropped * len(ids) / max(len(text), 1)))
+
+
 def render_context(context: list[Turn]) -> str:
     names = {"system": "System", "user": "User", "assistant": "Assistant"}
     return "\n\n".join(f"{names[t.role]}: {t.content.strip()}" for t in context) + "\n\nAssistant:"
@@ -176,28 +205,38 @@ class Backbone(nn.Module):
         least a quarter of the budget for the context. Context-alone rows keep at most the last
         ``max_context_tokens`` context tokens and end with the tail token unless ``context_tail`` is False.
         Each distinct context is tokenized once.
+
+        A text longer than ``max_length * CHARS_PER_TOKEN`` characters is cut to that many (its end for a
+        context, its start for a response, at a word boundary) before tokenizing, so a multi-MB record
+        costs what a normal one does; the kept tokens are those of the whole text (a token spans far fewer
+        characters), and the dropped counts add the cut characters' tokens, estimated at the rate of the
+        text that was tokenized.
         """
         tok = self.tokenizer
         texts = [render_context(list(c)) for c in contexts]
         distinct = list(dict.fromkeys(texts))
-        by_text = dict(zip(distinct, tok(distinct, add_special_tokens=False, verbose=False)["input_ids"]))
-        resp_ids = tok([r or "" for r in responses], add_special_tokens=False, verbose=False)["input_ids"]
+        chars = self.max_length * CHARS_PER_TOKEN
+        ctx_cut = [_cut_text(t, chars, keep="end") for t in distinct]
+        resp_cut = [_cut_text(r or "", chars, keep="start") for r in responses]
+        ctx_ids = tok([t for t, _ in ctx_cut], add_special_tokens=False, verbose=False)["input_ids"]
+        by_text = {text: (ids, _estimate(ids, cut)) for text, ids, cut in zip(distinct, ctx_ids, ctx_cut)}
+        resp_ids = tok([t for t, _ in resp_cut], add_special_tokens=False, verbose=False)["input_ids"]
         head, mid, tail = self.special_ids()
         rows = []
-        for text, r, resp in zip(texts, resp_ids, responses):
-            c = by_text[text]
+        for text, r, resp, cut in zip(texts, resp_ids, responses, resp_cut):
+            c, c_extra = by_text[text]
             if resp is None:
                 end = tail if context_tail else []
                 keep = self.max_length - len(head) - len(end)
                 keep = min(keep, max_context_tokens) if max_context_tokens is not None else keep
                 kept = c[max(len(c) - keep, 0):]
-                rows.append(TokenRow(head + kept + end, len(head) + len(kept), len(c) - len(kept), 0))
+                rows.append(TokenRow(head + kept + end, len(head) + len(kept), len(c) - len(kept) + c_extra, 0))
                 continue
             budget = self.max_length - len(head) - len(mid) - len(tail)
             kept_r = r[: max(budget - min(len(c), budget // 4), 0)]
             kept = c[max(len(c) - (budget - len(kept_r)), 0):]
-            rows.append(TokenRow(head + kept + mid + kept_r + tail, len(head) + len(kept), len(c) - len(kept),
-                                 len(r) - len(kept_r)))
+            rows.append(TokenRow(head + kept + mid + kept_r + tail, len(head) + len(kept),
+                                 len(c) - len(kept) + c_extra, len(r) - len(kept_r) + _estimate(r, cut)))
         return rows
 
     def pad(self, rows: Sequence[TokenRow]) -> Encoded:
