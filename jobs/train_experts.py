@@ -13,6 +13,7 @@ from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from dmoerm.config import PipelineConfig
+from dmoerm.names import safe_name
 from dmoerm.stages.store import StageStore
 from dmoerm.stages.train import ExpertInputs, train_expert_step
 from dmoerm.storage import join_uri
@@ -59,7 +60,7 @@ def fit_expert(cfg: PipelineConfig, store: StageStore, inputs: ExpertInputs, key
         train_loop_config={"cfg": cfg, "store": store, "inputs": inputs, "key": key},
         scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                                      resources_per_worker={"CPU": res.cpus_per_worker}),
-        run_config=RunConfig(name=f"expert-{inputs.category}-{inputs.capability}-{key}",
+        run_config=RunConfig(name=f"expert-{safe_name(inputs.category)}-{safe_name(inputs.capability)}-{key}",
                              storage_path=join_uri(store.root, "ray_train"),
                              failure_config=FailureConfig(max_failures=res.max_failures)),
     )

@@ -91,7 +91,7 @@ def test_not_a_bundle_and_unknown_formats_are_refused(tiny_bundle, tmp_path):
 
 
 def test_bad_category_names_are_refused(tiny_bundle, tmp_path):
-    bad = build_reward_model(tiny_bundle[1].backbone, {"../escape": ["x"]})
+    bad = build_reward_model(tiny_bundle[1].backbone, {"chat\n": ["x"]})  # "../escape" is fine: escaped (test_names)
     with pytest.raises(ValueError, match="category name"):
         save_bundle(tmp_path / "b", bad, lora=TINY_LORA, aggregator=AggregatorConfig(), router_width=0)
 

@@ -107,9 +107,10 @@ def test_bad_taxonomies_and_sources_are_rejected(change, message):
 
 
 @pytest.mark.parametrize(("taxonomy", "message"), [
-    ([{"name": "chat/qa", "capabilities": ["x"]}], r"category name 'chat/qa'"),
-    ([{"name": "chat", "capabilities": ["em pathy"]}], r"category 'chat': capability name 'em pathy'"),
-    ([{"name": "chat", "capabilities": ["x", "x"]}], r"lists a capability twice"),
+    ([{"name": "chat\tqa", "capabilities": ["x"]}], r"taxonomy\[0\]: name: category name 'chat\\tqa' contains control"),
+    ([{"name": "chat", "capabilities": [" empathy"]}],
+     r"taxonomy\[0\]: capabilities\[0\]: capability name ' empathy' has leading or trailing whitespace"),
+    ([{"name": "chat", "capabilities": ["x", "x"]}], r"taxonomy\[0\]: capabilities: duplicate capability 'x'"),
 ])
 def test_names_are_validated_where_the_taxonomy_declares_them(taxonomy, message):
     """Category and capability names become folders, files and adapter names: checked when the config loads,

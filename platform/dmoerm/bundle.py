@@ -5,8 +5,8 @@
                                  tokens, source), LoRA and aggregator settings, metrics
     tokenizer/                   the tokenizer files
     router.safetensors           router head
-    categories/<name>/experts.safetensors     top blocks + every LoRA adapter + every expert's value head
-    categories/<name>/aggregator.safetensors
+    categories/<dir>/experts.safetensors      top blocks + every LoRA adapter + every expert's value head
+    categories/<dir>/aggregator.safetensors   (<dir>: the category's ``safe_name``, recorded as its ``dir``)
     baseline.safetensors         the single-RM baseline's top (optional)
 
 Weights are safetensors only; metadata is JSON. Never pickle.
@@ -24,12 +24,12 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
-from dmoerm.configtools import check_name
 from dmoerm.modeling.aggregator import Aggregator, AggregatorConfig
 from dmoerm.modeling.backbone import Backbone, load_backbone
 from dmoerm.modeling.reward_model import CategoryModel, RewardModel, SingleRewardModel
 from dmoerm.modeling.router import RouterHead, RouterInput
 from dmoerm.modeling.top import LoraConfig, TopStack, attach_experts
+from dmoerm.names import check_name, check_unique, safe_name
 
 logger = logging.getLogger(__name__)
 BUNDLE_FORMAT = 1
@@ -59,16 +59,20 @@ def save_bundle(path: str | Path, model: RewardModel, *, lora: LoraConfig, aggre
     local = Path(tempfile.mkdtemp(prefix="dmoerm-bundle-")) if storage.is_s3(target) else Path(target)
     local.mkdir(parents=True, exist_ok=True)
     bb = model.backbone
-    for name in model.categories:  # a model built in code never went through CategoryConfig
-        check_name("category", name)
+    for name, cat in model.categories.items():  # a model built in code never went through CategoryConfig
+        check_name(f"categories[{name!r}]", name, "category name")
+        for i, cap in enumerate(cat.capabilities):
+            check_name(f"categories[{name!r}].capabilities[{i}]", cap, "capability name")
+        check_unique(f"categories[{name!r}].capabilities", cat.capabilities, "capability")
+    check_unique("categories", list(model.categories), "category")
     meta = {
         "format": BUNDLE_FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "base": {"reference": bb.reference, "revision": bb.revision, "fingerprint": bb.fingerprint(),
                  "model_type": getattr(bb.model.config, "model_type", ""), "top_layers": bb.top_layers,
                  "pooling": bb.pooling, "max_length": bb.max_length, "hidden_size": bb.hidden_size},
-        "taxonomy": [{"name": c.name, "capabilities": c.capabilities, "aggregator": asdict(c.aggregator.spec)}
-                     for c in model.categories.values()],
+        "taxonomy": [{"name": c.name, "dir": safe_name(c.name), "capabilities": c.capabilities,
+                      "aggregator": asdict(c.aggregator.spec)} for c in model.categories.values()],
         "router": router_meta(model.router_inputs, router_width),
         "lora": asdict(lora),
         "aggregator": asdict(aggregator),
@@ -79,8 +83,9 @@ def save_bundle(path: str | Path, model: RewardModel, *, lora: LoraConfig, aggre
     bb.tokenizer.save_pretrained(str(local / "tokenizer"))
     save_tensors(model.router.state_dict(), local / "router.safetensors")
     for name, cat in model.categories.items():
-        save_tensors(cat.experts.state_dict(), local / "categories" / name / "experts.safetensors")
-        save_tensors(cat.aggregator.state_dict(), local / "categories" / name / "aggregator.safetensors")
+        folder = local / "categories" / safe_name(name)
+        save_tensors(cat.experts.state_dict(), folder / "experts.safetensors")
+        save_tensors(cat.aggregator.state_dict(), folder / "aggregator.safetensors")
     if baseline is not None:
         save_tensors(baseline.state_dict(), local / "baseline.safetensors")
     (local / "bundle.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
@@ -103,6 +108,18 @@ def router_inputs_of(entry: dict[str, Any]) -> RouterInput:
     pass over the whole (max_length) context, which is what the missing keys mean."""
     return RouterInput(layers=entry.get("layers"), max_context_tokens=entry.get("max_context_tokens"),
                        source=entry.get("source", "context"))
+
+
+def category_dir(entry: dict[str, Any], bundle: Path) -> str:
+    """The folder under ``categories/`` of a bundle's taxonomy entry: its recorded ``dir`` (bundles written
+    before it was recorded: the name itself, which was then restricted to a plain folder name). A ``dir``
+    that is not one safe path component is refused (nothing is read outside the bundle)."""
+    folder = entry.get("dir", entry["name"])
+    if not isinstance(folder, str) or folder in ("", ".", "..") or folder.startswith(".") or any(
+            sep in folder for sep in ("/", "\\", "\0")):
+        raise ValueError(f"{bundle}/bundle.json: category {entry['name']!r} has folder {folder!r}, not one plain "
+                         "folder name under categories/")
+    return folder
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
@@ -161,11 +178,12 @@ def load_bundle(path: str | Path, *, base: str | None = None, batch_size: int = 
     for c in meta["taxonomy"]:
         if c["name"] not in keep:
             continue
+        folder = local / "categories" / category_dir(c, local)
         experts = attach_experts(TopStack(backbone), c["capabilities"], lora)
-        experts.load_state_dict(load_file(str(local / "categories" / c["name"] / "experts.safetensors")))
+        experts.load_state_dict(load_file(str(folder / "experts.safetensors")))
         agg = Aggregator(len(c["capabilities"]), backbone.hidden_size,
                          AggregatorConfig(**c["aggregator"]) if "aggregator" in c else spec)
-        agg.load_state_dict(load_file(str(local / "categories" / c["name"] / "aggregator.safetensors")))
+        agg.load_state_dict(load_file(str(folder / "aggregator.safetensors")))
         loaded[c["name"]] = CategoryModel(c["name"], list(c["capabilities"]), experts, agg)
     model = RewardModel(backbone, router, loaded, batch_size=batch_size, max_batch_tokens=max_batch_tokens)
     baseline = None

@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from dmoerm.configtools import apply_overrides, check_name, from_dict, load_yaml
+from dmoerm.configtools import apply_overrides, from_dict, load_yaml
 from dmoerm.data.loaders import SourceConfig
 from dmoerm.data.splits import SplitConfig
 from dmoerm.labeling.judge import JudgeConfig
 from dmoerm.modeling.aggregator import AggregatorConfig
 from dmoerm.modeling.router import RouterInput
 from dmoerm.modeling.top import LoraConfig
+from dmoerm.names import check_name, check_unique
 from dmoerm.promotion import PromotionConfig
 from dmoerm.training.loop import TrainConfig
 
@@ -27,20 +28,20 @@ class CategoryConfig:
     """One task category of the outer router and its capability points (the inner experts)."""
 
     name: str
-    """Category name (letters, digits, ``_-.``), e.g. ``roleplay``."""
+    """Category name: any printable text, e.g. ``objective QA`` (file, folder and adapter names use its
+    ``dmoerm.names.safe_name``)."""
     capabilities: list[str]
-    """Capability points, one LoRA expert each, e.g. ``[empathy, logic]``."""
+    """Capability points, one LoRA expert each, e.g. ``[empathy, logic]``; printable text like the name."""
     description: str = ""
     """Free text for people and for the judge."""
 
     def __post_init__(self) -> None:
-        check_name("category", self.name)
+        check_name("name", self.name, "category name")
         if not self.capabilities:
-            raise ValueError(f"taxonomy: category {self.name!r} lists no capabilities")
-        for cap in self.capabilities:
-            check_name(f"category {self.name!r}: capability", cap)
-        if len(set(self.capabilities)) != len(self.capabilities):
-            raise ValueError(f"taxonomy: category {self.name!r} lists a capability twice: {self.capabilities}")
+            raise ValueError(f"capabilities: category {self.name!r} lists no capabilities")
+        for i, cap in enumerate(self.capabilities):
+            check_name(f"capabilities[{i}]", cap, "capability name")
+        check_unique("capabilities", self.capabilities, "capability")
 
 
 @dataclass
@@ -241,11 +242,18 @@ class PipelineConfig:
         names = [c.name for c in self.taxonomy]
         if not names:
             raise ValueError("taxonomy must list at least one category")
-        if len(set(names)) != len(names):
-            raise ValueError(f"taxonomy has duplicate category names: {names}")
+        check_unique("taxonomy", names, "category")
         for i, s in enumerate(self.data.sources):
             if s.category is not None and s.category not in names:
                 raise ValueError(f"data.sources[{i}].category {s.category!r} is not in the taxonomy {names}")
+            unknown = sorted(set(s.category_map.values()) - set(names))
+            if unknown:
+                raise ValueError(f"data.sources[{i}].category_map maps to {unknown}, not in the taxonomy {names}")
+        listed = {cap for c in self.taxonomy for cap in c.capabilities}
+        stray = sorted(set(self.labels.datasets) - listed)
+        if stray:
+            raise ValueError(f"labels.datasets.{stray[0]}: no category of the taxonomy lists capability {stray[0]!r} "
+                             f"(capabilities: {sorted(listed)})")
         if self.labels.source == "dataset":
             missing = sorted({cap for c in self.taxonomy for cap in c.capabilities} - set(self.labels.datasets))
             if missing:

@@ -3,6 +3,8 @@
 One ``TopStack`` per category. Phase 1 fine-tunes it whole; phase 2 wraps it once with peft and adds
 one LoRA adapter per capability with ``add_adapter`` (never nested ``get_peft_model`` calls), the value
 head listed in ``modules_to_save`` so every expert owns, trains and saves its own copy of the head.
+A capability's adapter is called ``adapter_name(capability)`` (its ``dmoerm.names.safe_name``: peft and
+torch refuse dots and some words as adapter names); callers pass capability names, never adapter names.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from torch import nn
 
 from dmoerm.modeling.backbone import Backbone, pool
+from dmoerm.names import safe_name
 
 
 @dataclass
@@ -72,29 +75,43 @@ def default_target_modules(top: nn.Module) -> list[str]:
     raise ValueError(f"cannot guess LoRA target modules among {sorted(names)}; set lora.target_modules")
 
 
+def adapter_name(capability: str) -> str:
+    """The peft adapter of ``capability``'s expert (``helpful`` -> ``helpful``, ``logic.v2`` -> ``logic_v2-<hash>``)."""
+    return safe_name(capability)
+
+
 def attach_experts(top: TopStack, capabilities: list[str], lora: LoraConfig) -> nn.Module:
-    """Wrap ``top`` once and add one adapter per capability; every adapter starts from ``top``'s weights
-    (LoRA B = 0) and from a copy of its phase-1 value head."""
+    """Wrap ``top`` once and add one adapter per capability (named ``adapter_name(capability)``); every
+    adapter starts from ``top``'s weights (LoRA B = 0) and from a copy of its phase-1 value head."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
     if not capabilities:
         raise ValueError("a category needs at least one capability expert")
-    if len(set(capabilities)) != len(capabilities):
-        raise ValueError(f"duplicate capability names: {capabilities}")
+    adapters = [adapter_name(c) for c in capabilities]
+    if len(set(adapters)) != len(adapters):
+        raise ValueError(f"duplicate capability (or adapter) names: {capabilities} -> {adapters}")
     cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                      target_modules=lora.target_modules or default_target_modules(top),
                      modules_to_save=["value_head"], bias="none")
-    model = get_peft_model(top, cfg, adapter_name=capabilities[0])
-    for name in capabilities[1:]:
+    model = get_peft_model(top, cfg, adapter_name=adapters[0])
+    for name in adapters[1:]:
         model.add_adapter(name, cfg)
-    model.set_adapter(capabilities[0])
+    model.set_adapter(adapters[0])
     return model
 
 
+ADAPTER_CONTAINERS = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+                                "modules_to_save"})
+"""peft's per-adapter containers: a parameter ``....<container>.<adapter>[.<tensor>]`` is that adapter's."""
+
+
 def owned_by(name: str, capability: str) -> bool:
-    """Whether a parameter of the peft-wrapped top belongs to ``capability``'s expert (LoRA or value head)."""
-    return f".{capability}." in name or name.endswith(f".{capability}")
+    """Whether a parameter of the peft-wrapped top belongs to ``capability``'s expert (LoRA or value head):
+    its name has the capability's adapter as the key right after one of peft's per-adapter containers (an
+    exact component match, so a capability called ``model`` or ``weight`` owns only its own tensors)."""
+    adapter, parts = adapter_name(capability), name.split(".")
+    return any(c in ADAPTER_CONTAINERS and a == adapter for c, a in zip(parts, parts[1:]))
 
 
 @dataclass
@@ -115,7 +132,7 @@ def run_experts(experts: nn.Module, capabilities: list[str], backbone: Backbone,
     h = hidden.repeat(k, 1, 1)  # (K*B, T, H): row k*B + i is expert k on input i
     m = attention_mask.repeat(k, 1)  # (K*B, T)
     args, kwargs = backbone.layer_inputs(attention_mask, repeat=k)  # built for B rows, repeated to K*B
-    names = [c for c in capabilities for _ in range(b)]
+    names = [adapter_name(c) for c in capabilities for _ in range(b)]
     pooled, scores = experts(h, m, args, kwargs, adapter_names=names)  # (K*B, H), (K*B,)
     pooled = pooled.view(k, b, -1).transpose(0, 1)  # (B, K, H)
     return ExpertOutput(pooled=pooled, scores=scores.view(k, b).T, capabilities=list(capabilities))

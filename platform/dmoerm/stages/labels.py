@@ -13,6 +13,7 @@ from dmoerm.data.loaders import load_sources
 from dmoerm.data.records import Sample
 from dmoerm.data.splits import hash_order
 from dmoerm.labeling.judge import JudgeConfig
+from dmoerm.names import safe_name
 from dmoerm.stages.data import splits_of, subsample
 from dmoerm.stages.store import StageStore, fingerprint_uri
 
@@ -96,7 +97,7 @@ def label_step(cfg: PipelineConfig, store: StageStore, route_key: str, labeler: 
         index = []
         for (cat, cap), train in caps.train.items():
             for part, samples in (("train", train), ("val", caps.val[(cat, cap)])):
-                name = f"{cat}.{cap}.{part}.jsonl"
+                name = label_file(cat, cap, part)
                 store.put_samples("labels", key, name, samples)
                 index.append({"category": cat, "capability": cap, "part": part, "file": name, "n": len(samples)})
         store.put_json("labels", key, "index.json", index)
@@ -106,4 +107,10 @@ def label_step(cfg: PipelineConfig, store: StageStore, route_key: str, labeler: 
 
 def capability_samples(store: StageStore, label_key: str, category: str, capability: str, part: str
                        ) -> list[Sample]:
-    return store.get_samples("labels", label_key, f"{category}.{capability}.{part}.jsonl")
+    return store.get_samples("labels", label_key, label_file(category, capability, part))
+
+
+def label_file(category: str, capability: str, part: str) -> str:
+    """``<category>.<capability>.<part>.jsonl`` with both names in their safe form (no dot, no separator:
+    one file in the stage folder, and the three parts never run into each other)."""
+    return f"{safe_name(category)}.{safe_name(capability)}.{part}.jsonl"

@@ -21,7 +21,7 @@ from dmoerm.data.records import Sample
 from dmoerm.modeling.aggregator import Aggregator, AggregatorConfig
 from dmoerm.modeling.backbone import Backbone, length_batches
 from dmoerm.modeling.router import RouterHead, RouterInput
-from dmoerm.modeling.top import TopStack, owned_by, run_experts
+from dmoerm.modeling.top import TopStack, adapter_name, owned_by, run_experts
 from dmoerm.training.features import TrunkCache
 from dmoerm.training.loop import FitHooks, FitResult, Group, MetricFn, TrainConfig, fit_pairwise
 
@@ -69,7 +69,7 @@ def train_expert(experts: nn.Module, capability: str, backbone: Backbone, cache:
     """Phase 2 for one capability: only its LoRA weights and its own value head are trained.
     ``wrap`` wraps the model for data parallelism (e.g. DDP) in the forward only."""
     torch.manual_seed(seed)
-    experts.set_adapter(capability)
+    experts.set_adapter(adapter_name(capability))
     params = [p for p in experts.parameters() if p.requires_grad]
     own = [n for n, p in experts.named_parameters() if p.requires_grad]
     if not own or not all(owned_by(n, capability) for n in own):
