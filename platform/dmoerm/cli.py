@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger("dmoerm")
 
@@ -43,10 +44,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_samples(path: str, fmt: str):
+def _load_samples(path: str, fmt: str, mapping: list[str] | None = None):
+    """A data file through the loaders: ``--format`` and, for ``mapped``, the ``--map`` items."""
     from dmoerm.data.loaders import SourceConfig, load_source
+    from dmoerm.data.mapped import parse_map
 
-    res = load_source(SourceConfig(path=path, format=fmt, on_error="raise"))
+    res = load_source(SourceConfig(path=path, format=fmt, on_error="raise",
+                                   map=parse_map(mapping) if mapping else {}))
     if res.skipped:
         logger.warning(res.summary())
     return res.samples
@@ -56,7 +60,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from dmoerm.bundle import load_bundle
     from dmoerm.evaluation import check_evaluable, evaluate
 
-    samples = _load_samples(args.data, args.format)
+    samples = _load_samples(args.data, args.format, args.map)
     check_evaluable(samples)  # bad data fails before the (slow) bundle load
     loaded = load_bundle(args.bundle, base=args.base)
     report = evaluate(loaded.model, samples, loaded.baseline)
@@ -70,13 +74,11 @@ def cmd_score(args: argparse.Namespace) -> int:
     """jsonl of conversations in (``{"context": [{role, content}...], "responses": [...]}`` per line, or any
     loader format via --format), one line per input out with rewards and per-capability scores."""
     from dmoerm.bundle import load_bundle
-    from dmoerm.data.loaders import SourceConfig, load_source
 
     if args.format == "conversations":  # the input is read and checked before the (slow) bundle load
         rows = _read_conversations(args.input)
     else:
-        res = load_source(SourceConfig(path=args.input, format=args.format))
-        rows = [(s.id, s.context, s.responses) for s in res.samples]
+        rows = [(s.id, s.context, s.responses) for s in _load_samples(args.input, args.format, args.map)]
     if not rows:
         raise ValueError(f"{args.input}: no conversations to score")
     loaded = load_bundle(args.bundle, base=args.base)
@@ -234,6 +236,31 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+class _MapAction(argparse.Action):
+    """``--map KEY=FIELD ...``: the items add up, and the format becomes ``mapped`` unless one is given."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), *values])
+        if namespace.format == parser.get_default("format"):
+            namespace.format = "mapped"
+
+
+def _data_options(parser: argparse.ArgumentParser, default: str, extra: str = "") -> None:
+    """``--format`` and ``--map``, with every format and its fields in the help epilog."""
+    from dmoerm.data.loaders import FORMATS
+    from dmoerm.data.mapped import formats_help
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = formats_help() + extra
+    parser.add_argument("--format", default=default, metavar="FORMAT",
+                        help=f"{'conversations, or ' if extra else ''}one of {', '.join(FORMATS)} (default "
+                             f"{default}; the fields each needs: below)")
+    parser.add_argument("--map", nargs="+", action=_MapAction, metavar="KEY=FIELD",
+                        help="format 'mapped': where each field is, e.g. --map context=prompt chosen=chosen "
+                             "rejected=rejected (implies --format mapped; keys: below)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dmoerm", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true")
@@ -248,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="pairwise accuracy of a bundle (and its baseline) on a dataset")
     e.add_argument("--bundle", required=True)
     e.add_argument("--data", required=True)
-    e.add_argument("--format", default="dmoerm")
+    _data_options(e, "dmoerm")
     e.add_argument("--base", help="read the base weights from here instead of the bundle's reference")
     e.add_argument("--output", help="write metrics as JSON here")
     e.set_defaults(fn=cmd_evaluate)
@@ -257,8 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bundle", required=True)
     s.add_argument("--input", required=True)
     s.add_argument("--output", default="-")
-    s.add_argument("--format", default="conversations",
-                   help="conversations (context + responses per line) or any loader format")
+    _data_options(s, "conversations", "\n  conversations (score only, the default): JSON lines, context [{role, "
+                                      "content}] and responses [str] per line; optional id")
     s.add_argument("--base")
     s.set_defaults(fn=cmd_score)
 

@@ -188,7 +188,21 @@ def read_records(uri: str, mapping: dict[str, str]) -> Iterator[readers.Record]:
         return readers.read_jsonl(uri, "mapped")
     if kind == ".parquet":
         return readers.read_parquet(uri)
-    return readers.read_csv(uri, "\t" if kind == ".tsv" else ",")
+    return _csv_lists(readers.read_csv(uri, "\t" if kind == ".tsv" else ","), mapping)
+
+
+def _csv_lists(records: Iterator[readers.Record], mapping: dict[str, str]) -> Iterator[readers.Record]:
+    """CSV cells are text: a list-valued field (context messages, responses, ranks, scores) is JSON in its
+    cell, e.g. ``["good", "bad"]``; a context cell that is not a JSON list stays the prompt string."""
+    fields = [mapping[k] for k in ("context", "responses", "ranks", "scores") if k in mapping]
+    for n, unit, row in records:
+        if isinstance(row, dict):
+            for name in fields:
+                cell = row.get(name)
+                if isinstance(cell, str) and cell.lstrip().startswith("["):
+                    with contextlib.suppress(json.JSONDecodeError):
+                        row[name] = json.loads(cell)
+        yield n, unit, row
 
 
 # ---------------------------------------------------------------- one record -> Sample
@@ -206,22 +220,9 @@ def _value(obj: dict, path: str, required: bool = True) -> Any:
     return value
 
 
-def _listish(value: Any) -> Any:
-    """CSV cells hold lists as JSON text."""
-    if isinstance(value, str) and value.lstrip().startswith("["):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            return value
-    return value
-
-
 def _turns(value: Any, path: str) -> list[Turn]:
     if isinstance(value, str):
-        listed = _listish(value)  # a CSV cell holding a message list, else the prompt itself
-        if not (isinstance(listed, list) and listed and all(isinstance(m, dict) for m in listed)):
-            return [Turn("user", value)]
-        value = listed
+        return [Turn("user", value)]
     if not isinstance(value, list):
         raise _RecordError(path, f"expected a prompt string or a list of messages, got {type(value).__name__}")
     turns = []
@@ -274,10 +275,7 @@ def _has(obj: dict, path: str) -> bool:
 
 def _response(value: Any, path: str) -> str:
     if isinstance(value, str):
-        listed = _listish(value)  # a CSV cell holding a message list, else the response itself
-        if not (isinstance(listed, list) and listed and all(isinstance(m, dict) for m in listed)):
-            return value
-        value = listed
+        return value
     if isinstance(value, list) and value and isinstance(value[-1], dict):
         last = _turns(value, path)[-1]
         if last.role != "assistant":
@@ -288,7 +286,6 @@ def _response(value: Any, path: str) -> str:
 
 
 def _number_list(value: Any, path: str, kind: str) -> list:
-    value = _listish(value)
     if not isinstance(value, list):
         raise _RecordError(path, f"expected a list of {kind}, got {type(value).__name__}")
     out = []
@@ -330,7 +327,7 @@ def parse_mapped(obj: dict, sid: str, cfg: SourceConfig) -> Sample:
                                            f"({m['label_values']})")
         ranks, rank_field = stated[raw], m["label"]
     else:
-        listed = _listish(_value(obj, m["responses"]))
+        listed = _value(obj, m["responses"])
         if not isinstance(listed, list) or len(listed) < 2:
             got = f"{len(listed)} entries" if isinstance(listed, list) else type(listed).__name__
             raise _RecordError(m["responses"], f"expected a list of at least 2 responses, got {got}")
