@@ -222,3 +222,15 @@ def test_the_cli_reads_a_mapped_file_before_loading_the_bundle(tmp_path, capsys)
     code = main(["evaluate", "--bundle", str(tmp_path / "no-bundle"), "--data", path, "--map", "context=q",
                  "chosen=good", "rejected=bad"])
     assert code == 2 and "bench.csv: no usable sample" in capsys.readouterr().err
+
+
+def test_the_readme_mirrors_the_formats():
+    from dmoerm.data.mapped import KEYS
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Data formats"):]
+    section = section[: section.index("\n## ", 1)]
+    for name in (*FORMATS, "conversations"):
+        assert f"| `{name}` |" in section, name
+    for key in KEYS:
+        assert f"`{key}`" in section, key
