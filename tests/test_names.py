@@ -151,3 +151,25 @@ def test_a_bundle_folder_that_leaves_the_bundle_is_refused(tiny_bundle, tmp_path
     (bundle / "bundle.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"has folder '\.\./\.\./elsewhere', not one plain folder name"):
         load_bundle(bundle)
+
+
+def test_names_mlflow_refuses_as_keys_are_escaped_in_params_and_metrics(tmp_path):
+    """A config MLflow cannot log (a capability 'Q&A' keys labels.datasets) would fail the Ray job; evaluation
+    metrics per category ('dmoerm/acc/C++ (code)') would fail registration after all training."""
+    from dmoerm.evaluation import EvalReport
+    from dmoerm.tracking import Tracker
+
+    taxonomy = [{"name": "C++ (code)", "capabilities": ["Q&A", "logic.v2"]}, {"name": "objective QA",
+                                                                             "capabilities": ["what?"]}]
+    cfg = load_config(data=_minimal(taxonomy))
+    acc = {"accuracy": 0.5, "pairs": 2}
+    report = EvalReport(dmoerm={"C++ (code)": acc, "objective QA": acc, "overall": acc},
+                        baseline={"C++ (code)": acc, "objective QA": acc, "overall": acc},
+                        router_accuracy=1.0, confusion=[[1, 0], [0, 1]], categories=["C++ (code)", "objective QA"])
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "names", artifact_location=str(tmp_path / "art"))
+    tracker.log_params(tracker.run_id, cfg)
+    tracker.log_metrics(tracker.run_id, {k.replace("/", "."): v for k, v in report.metrics().items()})
+    run = tracker.client.get_run(tracker.run_id)
+    assert f"labels.datasets.{safe_name('Q&A')}" in run.data.params and "labels.datasets.logic.v2" in run.data.params
+    assert {f"dmoerm.acc.{safe_name('C++ (code)')}", "dmoerm.acc.objective QA", "dmoerm.acc.overall"} <= set(
+        run.data.metrics)

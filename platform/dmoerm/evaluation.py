@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from dmoerm.data.records import Sample
+from dmoerm.names import metric_name
 from dmoerm.promotion import PairOutcome
 
 if TYPE_CHECKING:
@@ -167,9 +168,9 @@ class EvalReport:
     def metrics(self) -> dict[str, float]:
         """Flat metric names for MLflow: ``dmoerm/acc/<category>``, ``baseline/acc/...``, router,
         ``delta/...`` (the interval), ``truncation/...``, ``eval/identical_pairs``."""
-        m = {f"dmoerm/acc/{k}": v["accuracy"] for k, v in self.dmoerm.items()}
+        m = {f"dmoerm/acc/{metric_name(k)}": v["accuracy"] for k, v in self.dmoerm.items()}  # MLflow-safe keys
         if self.baseline:
-            m.update({f"baseline/acc/{k}": v["accuracy"] for k, v in self.baseline.items()})
+            m.update({f"baseline/acc/{metric_name(k)}": v["accuracy"] for k, v in self.baseline.items()})
         if self.router_accuracy is not None:
             m["router/accuracy"] = self.router_accuracy
         if self.interval is not None:

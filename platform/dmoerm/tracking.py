@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dmoerm.configtools import to_dict
+from dmoerm.names import metric_name
 
 if TYPE_CHECKING:
     from dmoerm.config import PlatformConfig
@@ -78,7 +79,7 @@ def flatten_params(obj: Any, prefix: str = "") -> dict[str, str]:
     data = to_dict(obj)
     if isinstance(data, dict):
         for k, v in data.items():
-            key = f"{prefix}.{k}" if prefix else str(k)
+            key = f"{prefix}.{metric_name(str(k))}" if prefix else str(k)  # a capability: MLflow-safe
             if _is_secret_key(str(k)):
                 logger.debug("not logging parameter %s: its name says it holds a secret", key)
                 continue
