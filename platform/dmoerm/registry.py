@@ -291,13 +291,30 @@ def holder_outcomes(client: MlflowClient, tracking_uri: str, name: str, version:
         return stored
     from dmoerm.bundle import load_bundle
     from dmoerm.evaluation import evaluate
-    from dmoerm.serving.source import resolve_model
 
     samples = store.get_samples("evaluate", evaluation, "test.jsonl")
     log.info("%s version %s was evaluated on other pairs (%d shared of %d): re-scoring it on the candidate's "
              "%d test samples", name, version, len(set(stored) & set(candidate)), len(candidate), len(samples))
-    ref = resolve_model(f"models:/{name}/{version}", tracking_uri)
-    return dict(evaluate(load_bundle(ref.path).model, samples).outcomes)
+    return dict(evaluate(load_bundle(download_bundle(tracking_uri, name, version)).model, samples).outcomes)
+
+
+def download_bundle(tracking_uri: str | None, name: str, version: str) -> Path:
+    """The DMoERM bundle folder of registered model ``name`` version ``version``, downloaded from its
+    pyfunc model (the ``bundle`` artifact)."""
+    import mlflow
+    import yaml
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}"))
+    mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
+    artifacts = mlmodel.get("flavors", {}).get("python_function", {}).get("artifacts", {})
+    if "bundle" in artifacts:
+        return model_dir / artifacts["bundle"]["path"]
+    found = [p.parent for p in model_dir.rglob("bundle.json")]
+    if not found:
+        raise ValueError(f"{name} version {version}: the registered model holds no DMoERM bundle")
+    return found[0]
 
 
 def _versions(client: MlflowClient, name: str) -> list:

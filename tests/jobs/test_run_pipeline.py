@@ -39,7 +39,11 @@ def test_first_run_registers_and_promotes_over_the_baseline(job):
     assert run.data.metrics["dmoerm.acc.overall"] > run.data.metrics["baseline.acc.overall"]
     children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{first['run_id']}'")
     names = {c.info.run_name for c in children}
-    assert {"data", "route", "labels", "trunk", "experts/alpha/alpha_taste", "search/alpha", "evaluate"} <= names
+    assert {"data", "route", "labels", "trunk", "experts/alpha/alpha_taste", "search/alpha", "search/baseline",
+            "evaluate"} <= names
+    # The single RM was tuned with the same budget as each aggregator, and the report says so.
+    trials = {c.info.run_name: c.data.metrics.get("trials") for c in children if c.info.run_name.startswith("search/")}
+    assert len(set(trials.values())) == 1, trials
     artifacts = {a.path for a in client.list_artifacts(first["run_id"], "plots")}
     assert {"plots/router_confusion.png", "plots/accuracy_by_category.png"} <= artifacts
 

@@ -53,34 +53,17 @@ def registry_version(uri: str, tracking_uri: str | None) -> str:
         raise ValueError(f"{uri}: no such registered model or alias ({e.message})") from None
 
 
-def _bundle_dir(model_dir: Path) -> Path:
-    """The bundle folder inside a downloaded pyfunc model (its ``bundle`` artifact)."""
-    import yaml
-
-    mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
-    artifacts = mlmodel.get("flavors", {}).get("python_function", {}).get("artifacts", {})
-    if "bundle" in artifacts:
-        return model_dir / artifacts["bundle"]["path"]
-    found = [p.parent for p in model_dir.rglob("bundle.json")]
-    if not found:
-        raise ValueError(f"{model_dir}: the registered model holds no DMoERM bundle")
-    return found[0]
-
-
 def resolve_model(uri: str, tracking_uri: str | None = None, version: str | None = None) -> ModelRef:
     """Download (or locate) the bundle ``uri`` points at. ``version`` pins the version an alias resolved to."""
     from dmoerm import storage
     from dmoerm.bundle import read_meta
 
     if is_registry_uri(uri):
-        import mlflow
+        from dmoerm.registry import download_bundle
 
         name, _, _ = parse_registry_uri(uri)
         version = version or registry_version(uri, tracking_uri)
-        if tracking_uri:
-            mlflow.set_tracking_uri(tracking_uri)
-        local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}")
-        path = _bundle_dir(Path(local))
+        path = download_bundle(tracking_uri, name, version)
         logger.info("resolved %s to version %s at %s", uri, version, path)
         return ModelRef(uri, name, version, str(path))
     if storage.is_s3(uri):
