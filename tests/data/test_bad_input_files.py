@@ -95,10 +95,12 @@ def test_a_tied_sample_with_capability_preferences_is_kept(tmp_path):
     assert s.capability_prefs == {"empathy": [(1, 0)]} and s.pairs() == []
 
 
-def test_an_empty_file_is_an_error(tmp_path):
+def test_an_empty_source_is_an_error_and_an_empty_stage_file_an_empty_split(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n\n", encoding="utf-8")
+    src = SourceConfig(str(tmp_path / "empty.jsonl"), "dmoerm")
     with pytest.raises(DataError, match=r"empty\.jsonl: no records found"):
-        load_source(SourceConfig(str(tmp_path / "empty.jsonl"), "hh"))
+        load_sources([src])  # a config's sources
+    assert load_source(src).samples == []  # the stage store reads its (maybe empty) splits this way
 
 
 def test_a_duplicate_id_in_one_source_names_both_lines(tmp_path):

@@ -9,7 +9,7 @@ A record that carries no preference is always skipped (and counted), even with `
 pair whose responses are identical (``"identical responses"``) or a sample whose ranks are all tied
 (``"no preference pair (all ranks tied)"``). A file that is not UTF-8 on a line, a truncated ``.gz``, a
 JSON array given to a JSON-lines format, a sample id seen twice (the later record is the error) and a
-source where no usable sample remains are errors too. ``format: mapped`` reads any JSON, JSON-array,
+source whose every record was skipped are errors too. ``format: mapped`` reads any JSON, JSON-array,
 JSONL, CSV or Parquet file through a field map (:mod:`dmoerm.data.mapped`); :func:`formats_help` lists
 every format with the fields it needs.
 """
@@ -428,7 +428,9 @@ def load_source(cfg: SourceConfig) -> LoadResult:
     Raises:
         DataError: a malformed record with ``on_error="raise"`` (names file, line or item, and field), a
             file that cannot be read as a whole (not a JSON list, a truncated ``.gz``, a JSON array given
-            to a JSON-lines format: always), or a source where no usable sample remains (always).
+            to a JSON-lines format: always), or a source whose every record was skipped (always). A file
+            with no record at all gives an empty result (a stage's empty split); :func:`load_sources`,
+            which reads a config's sources, refuses it.
         FileNotFoundError: the path does not exist.
     """
     parse = _parser(cfg)
@@ -459,17 +461,21 @@ def load_source(cfg: SourceConfig) -> LoadResult:
         if cfg.limit is not None and len(samples) >= cfg.limit:
             break
     result = LoadResult(samples, skipped, cfg.path)
-    if not samples:
-        raise DataError(f"no usable sample: {result.summary()}" if skipped else "no records found", path=cfg.path)
+    if not samples and skipped:
+        raise DataError(f"no usable sample: {result.summary()}", path=cfg.path)
     malformed = any(s.reason not in NO_PREFERENCE for s in skipped)
     (logger.warning if malformed else logger.info)("%s", result.summary())
     return result
 
 
 def load_sources(cfgs: Sequence[SourceConfig]) -> list[LoadResult]:
-    """:func:`load_source` for each source; a sample id in two sources is a DataError naming both (ids
-    key the evaluation's pairs, promotion's bootstrap and the labels, so a repeated id would merge them)."""
+    """:func:`load_source` for each of a config's sources. A source with no record, and a sample id in two
+    sources, are DataErrors (ids key the evaluation's pairs, promotion's bootstrap and the labels, so a
+    repeated id would merge two samples)."""
     results = [load_source(c) for c in cfgs]
+    for cfg, res in zip(cfgs, results):
+        if not res.samples:
+            raise DataError("no records found", path=cfg.path)
     owner: dict[str, int] = {}
     for i, (cfg, res) in enumerate(zip(cfgs, results)):
         for s in res.samples:
