@@ -28,9 +28,11 @@ venv: $(STAMP)
 
 # The main job: the whole pipeline as a Ray job on a local Ray instance, MLflow on a SQLite file; then the
 # model it registered is served (Ray Serve) and one conversation is scored through POST /v1/reward.
+# What it prints: a line per stage (live on a terminal), the table, the registration, the served answer; Ray's
+# and the workers' lines go to the log file named first. `make demo DEMO_ARGS=--verbose` shows them too.
 demo: $(STAMP)
-	RAY_TMPDIR=$${RAY_TMPDIR:-/tmp/ray} $(PY) -m jobs.run_pipeline --config configs/demo.yaml
-	RAY_TMPDIR=$${RAY_TMPDIR:-/tmp/ray} $(PY) -m serve.demo --config configs/demo.yaml
+	RAY_TMPDIR=$${RAY_TMPDIR:-/tmp/ray} $(PY) -m jobs.run_pipeline --config configs/demo.yaml $(DEMO_ARGS)
+	RAY_TMPDIR=$${RAY_TMPDIR:-/tmp/ray} $(PY) -m serve.demo --config configs/demo.yaml $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

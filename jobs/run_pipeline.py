@@ -12,12 +12,14 @@ child run per stage and per expert, Tune trials under their search's run).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,8 @@ import ray
 from dmoerm import registry
 from dmoerm.config import PipelineConfig, load_config
 from dmoerm.pipeline import Step, open_store, run_pipeline, stage_outcome
+from dmoerm.progress import StageProgress
+from dmoerm.runlog import LOG_LEVEL_ENV, log_dir, log_level, log_to_file
 from dmoerm.stages.phase3 import search_step
 from dmoerm.stages.store import StageStore
 from dmoerm.stages.train import ExpertInputs, expert_key
@@ -50,8 +54,10 @@ def _run_step(step: Step, cfg: PipelineConfig, store: StageStore, *args: Any) ->
 class RayExecutor:
     """``dmoerm.pipeline.Executor`` on a Ray cluster, recording every stage as an MLflow child run."""
 
-    def __init__(self, cfg: PipelineConfig, store: StageStore, tracker: Tracker) -> None:
+    def __init__(self, cfg: PipelineConfig, store: StageStore, tracker: Tracker,
+                 progress: StageProgress | None = None) -> None:
         self.cfg, self.store, self.tracker = cfg, store, tracker
+        self.progress = progress or StageProgress(enabled=False)
         judge = cfg.labels.source == "judge"
         self.labeler = RayLabeler(max(1, int(ray.cluster_resources().get("CPU", 1)))) if judge else None
         self.ran: dict[str, bool] = {}
@@ -64,21 +70,42 @@ class RayExecutor:
     def run(self, step: Step, *args: Any, name: str) -> str:
         return self.run_many(step, [args], [name])[0]
 
+    def _wait_each(self, refs: list, names: list[str], on_done: Callable[[int, Any], None]) -> list:
+        """Wait for concurrent tasks one by one as they finish, each shown as its own stage (under one group
+        bar); ``on_done(i, result)`` records the i-th before its stage is marked done or skipped."""
+        group = " + ".join(dict.fromkeys(n.split("/")[0] for n in names)) if len(names) > 1 else None
+        t0 = time.monotonic()
+        for name in names:
+            self.progress.start(name, group)
+        results, todo = [None] * len(refs), {ref: i for i, ref in enumerate(refs)}
+        while todo:
+            [ref], _ = ray.wait(list(todo), num_returns=1)
+            i = todo.pop(ref)
+            try:
+                results[i] = ray.get(ref)
+                on_done(i, results[i])
+            except BaseException:
+                self.progress.finish(names[i], "failed", time.monotonic() - t0)
+                raise
+            self.progress.finish(names[i], "done" if self.ran[names[i]] else "skipped", time.monotonic() - t0)
+        return results
+
     def run_many(self, step: Step, calls: list[tuple], names: list[str]) -> list[str]:
-        keys = ray.get([_run_step.remote(step, self.cfg, self.store, *args) for args in calls])
-        for key, name in zip(keys, names):
-            self._record(name, key)
-        return keys
+        refs = [_run_step.remote(step, self.cfg, self.store, *args) for args in calls]
+        return self._wait_each(refs, names, lambda i, key: self._record(names[i], key))
 
     def train_experts(self, inputs: list[ExpertInputs]) -> list[str]:
         keys = [expert_key(self.cfg, self.store, i) for i in inputs]
-        infos = ray.get([fit_expert.remote(self.cfg, self.store, i, k) for i, k in zip(inputs, keys)])
-        for i, key, info in zip(inputs, keys, infos):
-            name = f"experts/{i.category}/{i.capability}"
-            _, self.ran[name] = stage_outcome(self.store, name, key, info)
-            self.tracker.log_expert(name, key, info, self.ran[name])
+        names = [f"experts/{i.category}/{i.capability}" for i in inputs]
+
+        def record(n: int, info: dict) -> None:
+            name, i = names[n], inputs[n]
+            _, self.ran[name] = stage_outcome(self.store, name, keys[n], info)
+            self.tracker.log_expert(name, keys[n], info, self.ran[name])
             self.experts[f"{i.category}/{i.capability}"] = {k: info.get(k) for k in ("resumed_from_step", "steps",
                                                                                      "workers", "val_accuracy")}
+
+        self._wait_each([fit_expert.remote(self.cfg, self.store, i, k) for i, k in zip(inputs, keys)], names, record)
         return keys
 
     def search(self, features_key: str, category: str) -> str:
@@ -89,8 +116,16 @@ class RayExecutor:
             child = self.tracker.child(f"search/{category}")
             return search_aggregator(cfg, store, features, category, self.tracker, child)
 
-        key = search_step(self.cfg, self.store, features_key, category, tune)
-        self._record(f"search/{category}", key, child)
+        t0 = time.monotonic()
+        self.progress.start(f"search/{category}")
+        try:
+            key = search_step(self.cfg, self.store, features_key, category, tune)
+            self._record(f"search/{category}", key, child)
+        except BaseException:
+            self.progress.finish(f"search/{category}", "failed", time.monotonic() - t0)
+            raise
+        self.progress.finish(f"search/{category}", "done" if self.ran[f"search/{category}"] else "skipped",
+                             time.monotonic() - t0)
         return key
 
 
@@ -120,41 +155,66 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster (default: local)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray instance")
+    p.add_argument("--verbose", action="store_true",
+                   help=f"every log line on the terminal too (Ray's and the workers'); or set {LOG_LEVEL_ENV}=DEBUG")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
     try:
         cfg = load_config(args.config, args.overrides)
+        _, loud = log_level(args.verbose)
     except ValueError as e:
         print(f"run_pipeline: error: {e}", file=sys.stderr)
         return 2
-    tracker = open_tracker(cfg.platform, run_name=f"{cfg.name}-{uuid.uuid4().hex[:6]}")
+    run_name = f"{cfg.name}-{uuid.uuid4().hex[:6]}"
+    log_path = (log_dir(cfg.output_dir, cfg.platform.storage_uri) / f"{run_name}.log").resolve()
+    if not loud:
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # the workers' lines reach the log file uncoloured
+    with log_to_file(log_path, args.verbose) as terminal:
+        print(f"log (this job's, Ray's and its workers'): {log_path}", file=terminal, flush=True)
+        try:
+            # With the log lines on the terminal too, the progress is plain lines between them, never redrawn.
+            return _run(cfg, args, run_name, StageProgress(terminal, live=False if loud else None))
+        except BaseException:
+            print(f"run_pipeline: failed; the whole log is in {log_path}", file=terminal, flush=True)
+            raise
+        finally:
+            ray.shutdown()  # inside the redirect: what Ray prints while it stops goes to the log too
+
+
+def _run(cfg: PipelineConfig, args: argparse.Namespace, run_name: str, progress: StageProgress) -> int:
+    """The job in ``log_to_file``'s redirect: the stage progress and the results go to ``progress.stream``."""
+    tracker = open_tracker(cfg.platform, run_name=run_name)
     store = open_store(cfg, run_id=tracker.run_id)  # before Ray starts: workers inherit the S3 endpoint
     init_ray(args.address, args.num_cpus)
+    logging.getLogger("ray").setLevel(logging.INFO)  # Ray's own INFO lines: to the log
     tracker.log_params(tracker.run_id, cfg)
     name, t0 = cfg.platform.registered_model or cfg.name, time.time()
     try:
-        ex = RayExecutor(cfg, store, tracker)
-        evaluation = run_pipeline(ex)
-        report = store.get_json("evaluate", evaluation, "report.json")
-        tracker.log_evaluation(report)
-        version, decision = registry.register_evaluation(tracker.client, tracker.tracking_uri, tracker.run_id,
-                                                         name, cfg.platform, store, evaluation)
+        with progress:
+            ex = RayExecutor(cfg, store, tracker, progress)
+            evaluation = run_pipeline(ex)
+            report = store.get_json("evaluate", evaluation, "report.json")
+            tracker.log_evaluation(report)
+            progress.start("register")
+            version, decision = registry.register_evaluation(tracker.client, tracker.tracking_uri, tracker.run_id,
+                                                             name, cfg.platform, store, evaluation)
+            ex.ran["register"] = not decision.get("skipped", False)
+            progress.finish("register", "done" if ex.ran["register"] else "skipped")
     except BaseException:
         tracker.finish(tracker.run_id, "FAILED")
         raise
-    ex.ran["register"] = not decision.get("skipped", False)
     tracker.log_metrics(tracker.run_id, {"pipeline_seconds": time.time() - t0})
     tracker.finish(tracker.run_id)
-    print("\n" + report["table"])
-    print(f"\nregistered {name} version {version}: "
-          f"{'promoted to @' + cfg.platform.alias if decision['promote'] else 'not promoted'} - {decision['reason']}")
-    print(f"MLflow run: {tracker.run_id} (experiment {cfg.platform.experiment}, tracking {tracker.tracking_uri})")
+    out = functools.partial(print, file=progress.stream)
+    out(f"\nDMoERM vs single RM, pairwise accuracy on held-out test pairs ({cfg.name}):")
+    out(report["table"])
+    out(f"\nregistered {name} version {version}: "
+        f"{'promoted to @' + cfg.platform.alias if decision['promote'] else 'not promoted'} - {decision['reason']}")
+    out(f"MLflow run: {tracker.run_id} (experiment {cfg.platform.experiment}, tracking {tracker.tracking_uri})")
     if tracker.tracking_uri.startswith("sqlite:"):
-        print(f"look at it: mlflow ui --backend-store-uri {tracker.tracking_uri}")
-    print("RESULT " + json.dumps({"run_id": tracker.run_id, "version": version, "promoted": decision["promote"],
-                                  "evaluation": evaluation, "ran": ex.ran, "experts": ex.experts}))
+        out(f"look at it: mlflow ui --backend-store-uri {tracker.tracking_uri}")
+    out("RESULT " + json.dumps({"run_id": tracker.run_id, "version": version, "promoted": decision["promote"],
+                                "evaluation": evaluation, "ran": ex.ran, "experts": ex.experts}), flush=True)
     return 0
 
 

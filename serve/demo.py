@@ -1,10 +1,12 @@
 """The end of ``make demo``: serve the model the pipeline just registered, score one conversation through
-``POST /v1/reward``, print the answer and the commands to do it yourself.
+``POST /v1/reward``, print the answer and the commands to do it yourself. Ray's and Serve's own lines go to
+``<output_dir>/logs/serve-<model>-<time>.log`` (``--verbose``: to the terminal too).
 
     python -m serve.demo --config configs/demo.yaml
 """
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -32,11 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True)
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--verbose", action="store_true", help="every log line on the terminal too (Ray Serve's)")
     args = p.parse_args(argv)
     import ray
 
     from dmoerm.client import RewardClient
     from dmoerm.config import load_config
+    from dmoerm.runlog import log_dir, log_to_file
     from dmoerm.tracking import tracking_uri_of
     from serve.deploy import curl_example, deploy, load_serve_config
 
@@ -44,24 +48,32 @@ def main(argv: list[str] | None = None) -> int:
     tracking = tracking_uri_of(cfg.platform)
     name = cfg.platform.registered_model or cfg.name
     model = f"models:/{name}/{latest_version(tracking, name)}"
-    print(f"\nserving {model} (Ray Serve: ingress, router, adapter pool) ...", flush=True)
-    t0 = time.time()
-    env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    ray.init(include_dashboard=False, runtime_env={"env_vars": env}, logging_level=logging.WARNING,
-             log_to_driver=False)
-    try:
-        deploy(load_serve_config(args={"model": model, "tracking_uri": tracking}, http={"port": args.port}))
-        url = f"http://127.0.0.1:{args.port}"
-        with RewardClient(url) as client:
-            answer = client.reward(CONVERSATION, RESPONSES)
-        print(f"ready in {time.time() - t0:.0f} s at {url}; POST /v1/reward answered:")
-        print(json.dumps({k: answer[k] for k in ("model", "version", "category", "category_prob", "rewards",
-                                                 "capability_scores")}, indent=2))
-        print("\nserve it yourself, then call it:")
-        print(f"  .venv/bin/dmoerm serve --model {model} --tracking-uri {tracking}")
-        print(f"  {curl_example(url)}")
-    finally:
-        ray.shutdown()  # ends Serve with it (a separate serve.shutdown() only adds Ray's retry warnings)
+    log = (log_dir(cfg.output_dir, cfg.platform.storage_uri) / f"serve-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+           f".log").resolve()
+    if not args.verbose:
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # the replicas' lines reach the log file uncoloured
+    with log_to_file(log, args.verbose) as terminal:
+        out = functools.partial(print, file=terminal, flush=True)
+        out(f"\nserving {model} (Ray Serve: ingress, router, adapter pool); log (Serve's and its replicas'): {log}")
+        t0 = time.time()
+        env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+        ray.init(include_dashboard=False, runtime_env={"env_vars": env}, logging_level=logging.WARNING)
+        try:
+            deploy(load_serve_config(args={"model": model, "tracking_uri": tracking}, http={"port": args.port}))
+            url = f"http://127.0.0.1:{args.port}"
+            with RewardClient(url) as client:
+                answer = client.reward(CONVERSATION, RESPONSES)
+            out(f"ready in {time.time() - t0:.0f} s at {url}; POST /v1/reward answered:")
+            out(json.dumps({k: answer[k] for k in ("model", "version", "category", "category_prob", "rewards",
+                                                   "capability_scores")}, indent=2))
+            out("\nserve it yourself, then call it:")
+            out(f"  .venv/bin/dmoerm serve --model {model} --tracking-uri {tracking}")
+            out(f"  {curl_example(url)}")
+        except BaseException:
+            out(f"serve.demo: failed; the whole log is in {log}")
+            raise
+        finally:
+            ray.shutdown()  # ends Serve with it (a separate serve.shutdown() only adds Ray's retry warnings)
     return 0
 
 

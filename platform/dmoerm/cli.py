@@ -18,27 +18,44 @@ logger = logging.getLogger("dmoerm")
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "botocore", "filelock", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    """Log records on standard error: INFO, DEBUG with ``--verbose``, or ``DMOERM_LOG_LEVEL``'s level
+    (``dmoerm train`` sends them to its run's log file instead, see ``cmd_train``)."""
+    from dmoerm.runlog import FORMAT, QUIET, log_level
+
+    try:
+        level = logging.DEBUG if verbose else log_level()[0]
+    except ValueError as e:
+        print(f"dmoerm: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    logging.basicConfig(level=level, format=FORMAT, datefmt="%H:%M:%S")
+    for noisy in QUIET:
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """The whole recipe in this process: the same stages as the Ray job, on ``platform.storage_uri``."""
     import os
+    import time
 
     from dmoerm.config import load_config
     from dmoerm.pipeline import train_locally
+    from dmoerm.progress import StageProgress
+    from dmoerm.runlog import log_dir, log_level, log_to_file
 
     if args.no_progress:
         os.environ["TQDM_DISABLE"] = "1"
     cfg = load_config(args.config, args.overrides)
-    result = train_locally(cfg)
+    log = (log_dir(cfg.output_dir, cfg.platform.storage_uri) / f"train-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+           f".log").resolve()
+    with log_to_file(log, args.verbose) as terminal:
+        print(f"log: {log}", file=terminal, flush=True)
+        plain = args.no_progress or log_level(args.verbose)[1]  # no redrawing between log lines
+        with StageProgress(terminal, live=False if plain else None) as progress:
+            result = train_locally(cfg, progress)
     print()
     print(f"DMoERM vs single RM, pairwise accuracy on held-out test pairs ({cfg.name}):")
     print(result.report["table"])
-    print(f"\nstage timings (s): {json.dumps(result.timings)}")
+    print(f"\nthe whole log: {log}")
     print(f"stages kept under: {cfg.platform.storage_uri} (a re-run skips what is finished)")
     print(f"bundle written to: {result.bundle_uri}")
     return 0

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from dmoerm.config import PipelineConfig
+from dmoerm.progress import StageProgress
 from dmoerm.stages.data import data_step
 from dmoerm.stages.evaluate import CategoryKeys, evaluate_step, publish_bundle
 from dmoerm.stages.labels import Labeler, label_step
@@ -97,12 +98,19 @@ class LocalExecutor:
     labeler: Labeler | None = None
     timings: dict[str, float] = field(default_factory=dict)
     ran: dict[str, bool] = field(default_factory=dict)
+    progress: StageProgress = field(default_factory=lambda: StageProgress(enabled=False))
 
     def run(self, step: Step, *args: Any, name: str) -> str:
         t0 = time.perf_counter()
-        key = step(self.cfg, self.store, *args)
+        self.progress.start(name)
+        try:
+            key = step(self.cfg, self.store, *args)
+        except BaseException:
+            self.progress.finish(name, "failed", time.perf_counter() - t0)
+            raise
         self.timings[name] = round(time.perf_counter() - t0, 2)
         _, self.ran[name] = stage_outcome(self.store, name, key)
+        self.progress.finish(name, "done" if self.ran[name] else "skipped", self.timings[name])
         return key
 
     def run_many(self, step: Step, calls: list[tuple], names: list[str]) -> list[str]:
@@ -127,15 +135,15 @@ class LocalRun:
     """Stage name -> whether this run did it (False: finished by an earlier run, skipped)."""
 
 
-def train_locally(cfg: PipelineConfig) -> LocalRun:
+def train_locally(cfg: PipelineConfig, progress: StageProgress | None = None) -> LocalRun:
     """The whole recipe in this process on ``platform.storage_uri``; the bundle is also copied to
-    ``<output_dir>/bundle``."""
+    ``<output_dir>/bundle``. ``progress``: where each stage's start and end are shown (default: nowhere)."""
     import uuid
 
     from dmoerm.storage import join_uri
 
     store = open_store(cfg, run_id=f"local-{uuid.uuid4().hex[:12]}")
-    ex = LocalExecutor(cfg, store)
+    ex = LocalExecutor(cfg, store, progress=progress or StageProgress(enabled=False))
     evaluation = run_pipeline(ex)
     uri = publish_bundle(store, evaluation, join_uri(cfg.output_dir, "bundle"))
     return LocalRun(evaluation, store.get_json("evaluate", evaluation, "report.json"), uri, ex.timings, ex.ran)
