@@ -136,3 +136,12 @@ def test_paths_are_resolved_once_when_the_config_loads(tmp_path, monkeypatch):
     assert cfg.data.sources[0].path.startswith(str(CONFIGS.parent / "data"))
     s3 = load_config(data=_minimal(output_dir="s3://b/out", platform={"storage_uri": "s3://b/store"}))
     assert (s3.output_dir, s3.platform.storage_uri) == ("s3://b/out", "s3://b/store")
+
+
+def test_a_category_cannot_take_the_baselines_name():
+    raw = {"taxonomy": [{"name": "baseline", "capabilities": ["x"]}],
+           "data": {"sources": [{"path": "d.jsonl", "format": "dmoerm"}]},
+           "labels": {"source": "judge", "judge": {"model": "m", "base_url": "http://judge"}}}
+    with pytest.raises(ValueError, match="'baseline' is taken"):
+        load_config(data=raw)
+    assert load_config(data={**raw, "baseline": False}).taxonomy[0].name == "baseline"

@@ -102,6 +102,10 @@ class ModelConfig:
     """Allow a model repository's own code to run (off unless you trust it)."""
     feature_batch_size: int = 32
     """Rows per forward when computing frozen features."""
+    precision: Literal["float32"] = "float32"
+    """One precision for every phase's training, its cached features (trunk and expert states are stored
+    in it) and scoring, on every executor: a model is never trained on rounded features and scored on
+    exact ones."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """The capability experts' LoRA settings."""
 
@@ -137,10 +141,12 @@ class ResourceConfig:
 
 @dataclass
 class TuneConfig:
-    """The search of each category's aggregator hyperparameters on its cached expert features. Both
-    executors run it over this space and budget: the Ray job with Ray Tune (concurrent trials, Optuna or
-    random proposals, ASHA), ``dmoerm train`` with Optuna in process (one trial at a time, successive
-    halving). Disabled, both train ``aggregator`` with ``phase3`` as given."""
+    """The search of each category's aggregator hyperparameters on its cached expert features, and of the
+    single-RM baseline's learning rate and weight decay with the same number of trials (a fair
+    comparison: neither side gets more tuning). Both executors run it over this space and budget: the Ray
+    job with Ray Tune (concurrent trials, Optuna or random proposals, ASHA), ``dmoerm train`` with Optuna
+    in process (one trial at a time, successive halving). Disabled, both train ``aggregator`` with
+    ``phase3`` and the baseline with ``phase1`` as given."""
 
     enabled: bool = True
     """Search; false: the aggregator is ``aggregator`` + ``phase3`` (both executors then build the same
@@ -196,11 +202,9 @@ class PlatformConfig:
     expert_resources: ResourceConfig = field(default_factory=ResourceConfig)
     """Each phase-2 expert's Ray Train trainer."""
     tune: TuneConfig = field(default_factory=TuneConfig)
-    """Aggregator search."""
+    """The searches: each category's aggregator and the single-RM baseline, with one budget."""
     promotion: PromotionConfig = field(default_factory=PromotionConfig)
     """When a new version may take the alias."""
-    feature_dtype: Literal["float32", "float16"] = "float16"
-    """Stored dtype of cached trunk features (float16 halves storage; training upcasts)."""
 
 
 @dataclass
@@ -243,6 +247,9 @@ class PipelineConfig:
         if not names:
             raise ValueError("taxonomy must list at least one category")
         check_unique("taxonomy", names, "category")
+        if self.baseline and "baseline" in names:
+            raise ValueError("taxonomy: the category name 'baseline' is taken by the single-RM baseline's stages "
+                             "(search/baseline); rename the category or set baseline: false")
         for i, s in enumerate(self.data.sources):
             if s.category is not None and s.category not in names:
                 raise ValueError(f"data.sources[{i}].category {s.category!r} is not in the taxonomy {names}")
