@@ -4,9 +4,10 @@ with a Ray executor, then registration and promotion.
     python -m jobs.run_pipeline --config configs/demo.yaml [dotted.key=value ...]
 
 Stages run as Ray tasks (phase 1 of every category and the baseline concurrently), every capability expert
-as its own Ray Train ``TorchTrainer`` (all concurrently), the aggregator search with Ray Tune. Every stage
-is idempotent: a re-run skips what is finished. The driver is the only MLflow writer (the parent run, a
-child run per stage and per expert, Tune trials under their search's run).
+as its own Ray Train ``TorchTrainer`` (all concurrently), the searches (the baseline's and every
+aggregator's) with Ray Tune. Every stage is idempotent: a re-run skips what is finished. The driver is the
+only MLflow writer (the parent run, a child run per stage and per expert, Tune trials under their search's
+run).
 """
 
 from __future__ import annotations
@@ -30,14 +31,14 @@ from dmoerm.config import PipelineConfig, load_config
 from dmoerm.pipeline import Step, open_store, run_pipeline, stage_outcome
 from dmoerm.progress import StageProgress
 from dmoerm.runlog import LOG_LEVEL_ENV, log_dir, log_level, log_to_file
-from dmoerm.stages.phase3 import search_step
+from dmoerm.stages.search import SearchTarget, search_step
 from dmoerm.stages.store import StageStore
 from dmoerm.stages.train import ExpertInputs, expert_key
 from dmoerm.submit import forwarded_env, withheld_env
 from dmoerm.tracking import Tracker, open_tracker
 from jobs.label_judge import RayLabeler
 from jobs.train_experts import fit_expert
-from tuning.search_aggregator import search_aggregator
+from tuning.search_hparams import search_hparams
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,24 +109,23 @@ class RayExecutor:
         self._wait_each([fit_expert.remote(self.cfg, self.store, i, k) for i, k in zip(inputs, keys)], names, record)
         return keys
 
-    def search(self, features_key: str, category: str) -> str:
+    def search(self, target: SearchTarget) -> str:
         child = None
 
-        def tune(cfg: PipelineConfig, store: StageStore, features: str, category: str) -> dict:
+        def tune(cfg: PipelineConfig, store: StageStore, target: SearchTarget) -> dict:
             nonlocal child
-            child = self.tracker.child(f"search/{category}")
-            return search_aggregator(cfg, store, features, category, self.tracker, child)
+            child = self.tracker.child(target.name)
+            return search_hparams(cfg, store, target, self.tracker, child)
 
         t0 = time.monotonic()
-        self.progress.start(f"search/{category}")
+        self.progress.start(target.name)
         try:
-            key = search_step(self.cfg, self.store, features_key, category, tune)
-            self._record(f"search/{category}", key, child)
+            key = search_step(self.cfg, self.store, target, tune)
+            self._record(target.name, key, child)
         except BaseException:
-            self.progress.finish(f"search/{category}", "failed", time.monotonic() - t0)
+            self.progress.finish(target.name, "failed", time.monotonic() - t0)
             raise
-        self.progress.finish(f"search/{category}", "done" if self.ran[f"search/{category}"] else "skipped",
-                             time.monotonic() - t0)
+        self.progress.finish(target.name, "done" if self.ran[target.name] else "skipped", time.monotonic() - t0)
         return key
 
 

@@ -1,8 +1,12 @@
 """The DMoERM recipe, written once: the stage order as one function over an ``Executor``.
 
-    data -> route -> labels -> trunk features -> phase 1 per category + the single-RM baseline ->
-    phase 2 (every capability expert) -> per category: expert features -> aggregator search -> final
-    aggregator -> evaluate (the bundle and the report)
+    data -> route -> labels -> trunk features -> [baseline search] -> phase 1 per category + the single-RM
+    baseline -> phase 2 (every capability expert) -> per category: expert features -> [aggregator search]
+    -> final aggregator -> evaluate (the bundle and the report)
+
+The searches run when ``platform.tune.enabled``, for the baseline and every aggregator alike (one tuning
+budget for both sides of the comparison); the baseline learns from every human-ranked sample DMoERM
+learns from (``dmoerm.stages.budget``).
 
 Every stage is an idempotent function ``step(cfg, store, *input_keys) -> key`` of ``dmoerm.stages``:
 its outputs live in the ``StageStore`` under its key, so a finished stage is skipped and a later stage
@@ -26,8 +30,9 @@ from dmoerm.progress import StageProgress
 from dmoerm.stages.data import data_step
 from dmoerm.stages.evaluate import CategoryKeys, evaluate_step, publish_bundle
 from dmoerm.stages.labels import Labeler, label_step
-from dmoerm.stages.phase3 import aggregator_step, features_step, search_step
+from dmoerm.stages.phase3 import aggregator_step, features_step
 from dmoerm.stages.route import route_step
+from dmoerm.stages.search import SearchTarget, search_step
 from dmoerm.stages.store import StageStore
 from dmoerm.stages.train import ExpertInputs, expert_step, top_step, trunk_step
 
@@ -53,8 +58,8 @@ class Executor(Protocol):
     def train_experts(self, inputs: list[ExpertInputs]) -> list[str]:
         """Phase 2: train (or skip) every expert; their keys."""
 
-    def search(self, features_key: str, category: str) -> str:
-        """The aggregator search of one category (``search_step`` with this executor's search); its key."""
+    def search(self, target: SearchTarget) -> str:
+        """The search of one target (``search_step`` with this executor's search); its key."""
 
 
 def run_pipeline(ex: Executor) -> str:
@@ -64,9 +69,13 @@ def run_pipeline(ex: Executor) -> str:
     route = ex.run(route_step, data, name="route")
     labels = ex.run(label_step, route, ex.labeler, name="labels")
     trunk = ex.run(trunk_step, route, labels, name="trunk")
-    names = [c.name for c in cfg.taxonomy] + ([None] if cfg.baseline else [])
-    tops = dict(zip(names, ex.run_many(top_step, [(route, trunk, n) for n in names],
-                                       [f"phase1/{n}" if n else "baseline" for n in names])))
+    tuned = cfg.platform.tune.enabled
+    calls = [(route, trunk, c.name) for c in cfg.taxonomy]
+    if cfg.baseline:
+        calls.append((route, trunk, None, labels,
+                      ex.search(SearchTarget.baseline(route, labels, trunk)) if tuned else None))
+    tops = dict(zip([c[2] for c in calls],
+                    ex.run_many(top_step, calls, [f"phase1/{c[2]}" if c[2] else "baseline" for c in calls])))
     inputs = [ExpertInputs(route, labels, trunk, tops[c.name], c.name, cap)
               for c in cfg.taxonomy for cap in c.capabilities]
     experts = dict(zip(((i.category, i.capability) for i in inputs), ex.train_experts(inputs)))
@@ -74,10 +83,10 @@ def run_pipeline(ex: Executor) -> str:
     for c in cfg.taxonomy:
         keys = {cap: experts[(c.name, cap)] for cap in c.capabilities}
         feats = ex.run(features_step, route, trunk, tops[c.name], keys, c.name, name=f"features/{c.name}")
-        search = ex.search(feats, c.name) if cfg.platform.tune.enabled else None
+        search = ex.search(SearchTarget.aggregator(feats, c.name)) if tuned else None
         agg = ex.run(aggregator_step, feats, search, name=f"aggregator/{c.name}")
         categories[c.name] = CategoryKeys(tops[c.name], keys, agg)
-    return ex.run(evaluate_step, data, route, categories, tops.get(None), name="evaluate")
+    return ex.run(evaluate_step, data, route, labels, categories, tops.get(None), name="evaluate")
 
 
 def stage_outcome(store: StageStore, name: str, key: str, info: dict | None = None) -> tuple[dict, bool]:
@@ -119,8 +128,8 @@ class LocalExecutor:
     def train_experts(self, inputs: list[ExpertInputs]) -> list[str]:
         return [self.run(expert_step, i, name=f"experts/{i.category}/{i.capability}") for i in inputs]
 
-    def search(self, features_key: str, category: str) -> str:
-        return self.run(search_step, features_key, category, name=f"search/{category}")
+    def search(self, target: SearchTarget) -> str:
+        return self.run(search_step, target, name=target.name)
 
 
 @dataclass
