@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run_pipeline: error: {e}", file=sys.stderr)
         return 2
     run_name = f"{cfg.name}-{uuid.uuid4().hex[:6]}"
-    log_path = (log_dir(cfg.output_dir, cfg.platform.storage_uri) / f"{run_name}.log").resolve()
+    log_path = (log_dir(cfg.platform.storage_uri, cfg.output_dir) / f"{run_name}.log").resolve()
     if not loud:
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # the workers' lines reach the log file uncoloured
     with log_to_file(log_path, args.verbose) as terminal:

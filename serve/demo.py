@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     tracking = tracking_uri_of(cfg.platform)
     name = cfg.platform.registered_model or cfg.name
     model = f"models:/{name}/{latest_version(tracking, name)}"
-    log = (log_dir(cfg.output_dir, cfg.platform.storage_uri) / f"serve-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-           f".log").resolve()
+    log = (log_dir(cfg.platform.storage_uri, cfg.output_dir)
+           / f"serve-{name}-{time.strftime('%Y%m%d-%H%M%S')}.log").resolve()
     if not args.verbose:
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # the replicas' lines reach the log file uncoloured
     with log_to_file(log, args.verbose) as terminal:

@@ -116,10 +116,10 @@ def test_format_seconds():
 
 
 # ---- the run log -------------------------------------------------------------------------------
-def test_log_dir_prefers_a_local_output_dir(tmp_path):
-    assert log_dir(str(tmp_path / "out"), "s3://b/x") == tmp_path / "out" / "logs"
-    assert log_dir("s3://b/out", str(tmp_path / "st")) == tmp_path / "st" / "logs"
-    assert log_dir("s3://b/out", "s3://b/x") == Path(".scratch/logs")
+def test_log_dir_is_beside_the_stages_where_they_are_local(tmp_path):
+    assert log_dir(str(tmp_path / "st"), str(tmp_path / "out")) == tmp_path / "st" / "logs"
+    assert log_dir("s3://b/st", str(tmp_path / "out")) == tmp_path / "out" / "logs"
+    assert log_dir("s3://b/st", "s3://b/out") == Path(".scratch/logs")
 
 
 def test_log_level_from_the_environment(monkeypatch):

@@ -45,8 +45,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.no_progress:
         os.environ["TQDM_DISABLE"] = "1"
     cfg = load_config(args.config, args.overrides)
-    log = (log_dir(cfg.output_dir, cfg.platform.storage_uri) / f"train-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-           f".log").resolve()
+    log = (log_dir(cfg.platform.storage_uri, cfg.output_dir)
+           / f"train-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}.log").resolve()
     with log_to_file(log, args.verbose) as terminal:
         print(f"log: {log}", file=terminal, flush=True)
         plain = args.no_progress or log_level(args.verbose)[1]  # no redrawing between log lines

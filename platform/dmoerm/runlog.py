@@ -24,9 +24,10 @@ QUIET = ("httpx", "urllib3", "botocore", "filelock", "transformers")
 """Loggers kept at WARNING: their INFO lines are per request or per file."""
 
 
-def log_dir(output_dir: str, storage_uri: str) -> Path:
-    """``<output_dir>/logs``, or ``<storage_uri>/logs`` when ``output_dir`` is remote, or ``.scratch/logs``."""
-    for base in (output_dir, storage_uri):
+def log_dir(storage_uri: str, output_dir: str) -> Path:
+    """Where a run's log files go: ``<storage_uri>/logs`` (beside the stages, the default MLflow store, Ray
+    Train's and Tune's folders), or ``<output_dir>/logs`` when the storage is remote, or ``.scratch/logs``."""
+    for base in (storage_uri, output_dir):
         if base and "://" not in base:
             return Path(base) / "logs"
     return Path(".scratch") / "logs"

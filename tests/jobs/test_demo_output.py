@@ -22,16 +22,16 @@ RAY_NOISE = re.compile(r"Traceback|WARNING|Warning:|\(raylet\)|pid=\d+|ray\.|RAY
 def test_the_terminal_shows_stages_and_results_and_the_log_file_holds_the_rest(tmp_path, tiny_bert_dir):
     data = write_task(tmp_path, n=60)
     config = write_config(tmp_path, tiny_bert_dir, data, str(tmp_path / "store"), None, name="quiet")
-    out = subprocess.run([sys.executable, "-m", "jobs.run_pipeline", "--config", config, "--num-cpus", "2",
-                          f"output_dir={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True,
-                         timeout=900, env={k: v for k, v in os.environ.items() if k != "DMOERM_LOG_LEVEL"})
+    out = subprocess.run([sys.executable, "-m", "jobs.run_pipeline", "--config", config, "--num-cpus", "2"], cwd=REPO,
+                         capture_output=True, text=True, timeout=900,
+                         env={k: v for k, v in os.environ.items() if k != "DMOERM_LOG_LEVEL"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     lines = out.stdout.splitlines()
 
     first = re.fullmatch(r"log \(this job's, Ray's and its workers'\): (.+)", lines[0])
     assert first, lines[0]
     log = Path(first[1])
-    assert log.parent == tmp_path / "out" / "logs" and log.name.startswith("quiet-") and log.suffix == ".log"
+    assert log.parent == tmp_path / "store" / "logs" and log.name.startswith("quiet-") and log.suffix == ".log"
 
     result = next(x for x in lines if x.startswith("RESULT "))
     stages = list(json.loads(result[len("RESULT "):])["ran"])
