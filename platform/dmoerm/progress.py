@@ -177,6 +177,7 @@ def _isatty(stream: TextIO) -> bool:
 
 def _width(stream: TextIO) -> int:
     try:
-        return os.get_terminal_size(stream.fileno()).columns
+        columns = os.get_terminal_size(stream.fileno()).columns
     except (AttributeError, ValueError, OSError):
-        return 100
+        columns = 0
+    return columns if columns > 0 else 100  # a pseudo-terminal may report no size
