@@ -10,15 +10,16 @@ import logging
 import ray
 
 from dmoerm.data.records import Sample
-from dmoerm.labeling import JudgeConfig, label_samples
+from dmoerm.labeling import JudgeConfig, LabelReport, label_samples
 
 logger = logging.getLogger(__name__)
 
 
 @ray.remote(num_cpus=0.5)
-def _label_shard(samples: list[Sample], capabilities: dict[str, list[str]], cfg: JudgeConfig) -> tuple[dict, dict]:
+def _label_shard(samples: list[Sample], capabilities: dict[str, list[str]], cfg: JudgeConfig
+                 ) -> tuple[dict, LabelReport]:
     report = label_samples(samples, capabilities, cfg, progress=False)
-    return {s.id: s.capability_prefs for s in samples}, dataclasses.asdict(report)
+    return {s.id: s.capability_prefs for s in samples}, report
 
 
 def shard_of(sample: Sample, num_shards: int) -> int:
@@ -37,7 +38,7 @@ class RayLabeler:
 
     num_workers: int
 
-    def __call__(self, samples: list[Sample], capabilities: dict[str, list[str]], cfg: JudgeConfig) -> dict:
+    def __call__(self, samples: list[Sample], capabilities: dict[str, list[str]], cfg: JudgeConfig) -> LabelReport:
         if cfg.cache_path is None:
             logger.warning("judge cache_path is None: every Ray worker keeps its answers in memory only")
         n = max(1, min(self.num_workers, cfg.concurrency, len(samples)))
@@ -47,11 +48,11 @@ class RayLabeler:
         shard_cfg = dataclasses.replace(cfg, concurrency=max(1, cfg.concurrency // n))
         futures = [_label_shard.remote(shard, capabilities, shard_cfg) for shard in shards if shard]
         by_id = {s.id: s for s in samples}
-        totals: dict = {"workers": len(futures)}
+        totals = LabelReport(workers=0)
         for prefs, report in ray.get(futures):
             for sid, p in prefs.items():
                 by_id[sid].capability_prefs = p
-            for k, v in report.items():
-                if isinstance(v, (int, float)):
-                    totals[k] = totals.get(k, 0) + v
+            totals.add(report)
+        logger.info("judge labeling on %d workers: %d questions (%d asked, %d cached)", totals.workers,
+                    totals.questions_total, totals.asked, totals.cache_hits)
         return totals

@@ -85,8 +85,20 @@ def stage_working_dir(config: str, overrides: list[str]) -> tuple[str, str, list
     for pkg in ("jobs", "tuning"):
         shutil.copytree(root / pkg, stage / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     (stage / "job_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
+    carrying = _fields_with_credentials(to_dict(cfg))
+    if carrying:
+        print(f"warning: {', '.join(carrying)} carry credentials inside a URL: they travel in the job's files "
+              f"(masked in its logs and MLflow params); prefer the cluster's environment for them", flush=True)
     judge = cfg.labels.judge if cfg.labels.source == "judge" else None
     return str(stage), "job_config.yaml", [judge.api_key_env] if judge and judge.api_key_env else []
+
+
+def _fields_with_credentials(obj: object, prefix: str = "") -> list[str]:
+    if isinstance(obj, dict):
+        return [f for k, v in obj.items() for f in _fields_with_credentials(v, f"{prefix}.{k}" if prefix else k)]
+    if isinstance(obj, list):
+        return [f for i, v in enumerate(obj) for f in _fields_with_credentials(v, f"{prefix}[{i}]")]
+    return [prefix] if isinstance(obj, str) and _has_credentials(obj) else []
 
 
 def submit(config: str, overrides: list[str], address: str | None = None, wait: bool = True) -> str:

@@ -19,7 +19,7 @@ import os
 import random
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from dmoerm.data.records import Sample
@@ -149,8 +149,7 @@ class JudgeClient:
             self._auth = (unquote(parts.username or ""), unquote(parts.password or ""))
             parts = parts._replace(netloc=parts.netloc.rpartition("@")[2])
         self.url = f"{parts.geturl()}/chat/completions"
-        self.public_url = self.url
-        """The URL messages show (``url``: it carries no credentials)."""
+        """The endpoint, without credentials: what messages show."""
         self.num_retries = 0
         """Retries made so far by this client (all questions)."""
         self._transport = transport
@@ -203,7 +202,7 @@ class JudgeClient:
                 if resp.status_code < 500 and resp.status_code not in _RETRYABLE_STATUS:
                     hint = (f" (is ${self.cfg.api_key_env} set to a valid key?)"
                             if resp.status_code in (401, 403) else "")
-                    raise JudgeError(f"judge {self.public_url} refused the request with HTTP {resp.status_code}: "
+                    raise JudgeError(f"judge {self.url} refused the request with HTTP {resp.status_code}: "
                                      f"{message}{hint}")
                 failure = f"HTTP {resp.status_code}: {message}"
                 retry_after = _retry_after_s(resp.headers.get("retry-after"))
@@ -214,7 +213,7 @@ class JudgeClient:
             logger.debug("judge retry %d/%d in %.2fs after %s", attempt + 1, self.cfg.max_retries, delay,
                          failure)
             await asyncio.sleep(delay)
-        raise JudgeError(f"judge {self.public_url} failed {self.cfg.max_retries + 1} times; last error: "
+        raise JudgeError(f"judge {self.url} failed {self.cfg.max_retries + 1} times; last error: "
                          f"{redact_credentials(failure)}. "
                          f"Answers received so far are cached: re-running resumes from them.")
 
@@ -224,7 +223,7 @@ class JudgeClient:
             content = data["choices"][0]["message"].get("content")
             usage = data.get("usage") or {}
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
-            raise JudgeError(f"judge {self.public_url} answered HTTP 200 but not a chat completion "
+            raise JudgeError(f"judge {self.url} answered HTTP 200 but not a chat completion "
                              f"({type(e).__name__}): {resp.text[:300]!r}") from e
         content = content if isinstance(content, str) else None
         return JudgeAnswer(content, parse_verdict(content), int(usage.get("prompt_tokens") or 0),
@@ -304,6 +303,19 @@ class LabelReport:
     """Completion tokens of the calls made in this run."""
     per_capability: dict[str, dict[str, int]] = field(default_factory=dict)
     """Capability -> ``{"consistent", "inconsistent", "abstained"}`` comparison counts."""
+    workers: int = 1
+    """Processes that asked (the Ray job's shards; 1 in process)."""
+
+    def add(self, other: LabelReport) -> None:
+        """Add another shard's counts to these (``workers`` included)."""
+        for f in fields(self):
+            if f.name == "per_capability":
+                for cap, counts in other.per_capability.items():
+                    mine = self.per_capability.setdefault(cap, {})
+                    for k, v in counts.items():
+                        mine[k] = mine.get(k, 0) + v
+            else:
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 def _validate(samples: list[Sample], capabilities: dict[str, list[str]]) -> None:
