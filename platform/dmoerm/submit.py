@@ -128,7 +128,7 @@ def submit(config: str, overrides: list[str], address: str | None = None, wait: 
     return job_id
 
 
-def _submit_with_retry(client, entrypoint: str, runtime_env: dict, wait_s: float = 90.0) -> str:
+def _submit_with_retry(client, entrypoint: str, runtime_env: dict, wait_s: float = 180.0) -> str:
     """A freshly started head refuses jobs until its job agent is up ("No available agent"): retry that."""
     deadline = time.monotonic() + wait_s
     while True:
