@@ -39,7 +39,7 @@ def make_samples(num_samples: int) -> list[Sample]:
 def time_run(url: str, concurrency: int, num_samples: int, workdir: Path, run: int = 0) -> tuple[float, int]:
     samples = make_samples(num_samples)
     cfg = JudgeConfig(base_url=url, model="fake-judge", concurrency=concurrency,
-                      cache_path=str(workdir / f"cache-c{concurrency}-{run}.sqlite"))
+                      cache_path=str(workdir / f"cache-c{concurrency}-{run}"))
     start = time.perf_counter()
     report = label_samples(samples, CAPABILITIES, cfg, progress=False)
     elapsed = time.perf_counter() - start

@@ -30,6 +30,7 @@ from dmoerm import registry
 from dmoerm.config import PipelineConfig, load_config
 from dmoerm.pipeline import Step, open_store, run_pipeline, stage_outcome
 from dmoerm.progress import StageProgress
+from dmoerm.redact import redact_credentials
 from dmoerm.runlog import LOG_LEVEL_ENV, log_dir, log_level, log_to_file
 from dmoerm.stages.search import SearchTarget, search_step
 from dmoerm.stages.store import StageStore
@@ -210,9 +211,10 @@ def _run(cfg: PipelineConfig, args: argparse.Namespace, run_name: str, progress:
     out(report["table"])
     out(f"\nregistered {name} version {version}: "
         f"{'promoted to @' + cfg.platform.alias if decision['promote'] else 'not promoted'} - {decision['reason']}")
-    out(f"MLflow run: {tracker.run_id} (experiment {cfg.platform.experiment}, tracking {tracker.tracking_uri})")
+    out(f"MLflow run: {tracker.run_id} (experiment {cfg.platform.experiment}, "
+        f"tracking {redact_credentials(tracker.tracking_uri)})")
     if tracker.tracking_uri.startswith("sqlite:"):
-        out(f"look at it: mlflow ui --backend-store-uri {tracker.tracking_uri}")
+        out(f"look at it: mlflow ui --backend-store-uri {redact_credentials(tracker.tracking_uri)}")
     out("RESULT " + json.dumps({"run_id": tracker.run_id, "version": version, "promoted": decision["promote"],
                                 "evaluation": evaluation, "ran": ex.ran, "experts": ex.experts}), flush=True)
     return 0

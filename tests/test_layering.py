@@ -12,7 +12,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "platform" / "dmoerm"
 LAYERS = [  # bottom first; a module may import from its own layer and the layers below
-    {"", "configtools", "names", "storage", "checkpoint", "losses", "significance", "progress", "runlog"},
+    {"", "configtools", "names", "storage", "checkpoint", "losses", "significance", "progress", "runlog",
+     "redact", "device"},
     {"data"},
     {"modeling"},
     {"training", "labeling", "promotion", "evaluation"},

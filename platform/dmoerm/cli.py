@@ -163,9 +163,9 @@ def cmd_label(args: argparse.Namespace) -> int:
     from dmoerm.data.loaders import write_samples
     from dmoerm.data.splits import split_samples
     from dmoerm.stages.data import load_data
-    from dmoerm.stages.labels import label_capabilities
+    from dmoerm.stages.labels import label_capabilities, with_judge_cache
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = with_judge_cache(load_config(args.config, args.overrides))
     samples, _ = load_data(cfg)
     splits = split_samples(samples, cfg.data.splits)
     caps = label_capabilities(cfg, splits)

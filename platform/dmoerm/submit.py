@@ -35,7 +35,7 @@ SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
 
 
 def _has_credentials(value: str) -> bool:
-    from dmoerm.tracking import redact_credentials
+    from dmoerm.redact import redact_credentials
 
     return redact_credentials(value) != value
 

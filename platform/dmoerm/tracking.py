@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from dmoerm.configtools import to_dict
 from dmoerm.names import metric_name
+from dmoerm.redact import redact_credentials
 
 if TYPE_CHECKING:
     from dmoerm.config import PlatformConfig
@@ -23,15 +24,6 @@ SECRET_WORDS = ("key", "apikey", "token", "secret", "password", "passwd", "crede
 """A config key whose words (split at ``_``, ``-``, ``.`` and case changes) include one of these holds a
 secret: its value never reaches MLflow (``api_key``, ``auth_token``; not ``max_tokens`` or ``tokenizer``).
 Keys ending in ``_env`` hold the NAME of a variable and are kept."""
-_URL_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@]+@")
-_SECRET_QUERY = re.compile(r"(?P<name>[?&][^=&\s#]*(?:key|token|secret|password|signature|credential)[^=&\s#]*=)"
-                           r"[^&\s#]+", re.IGNORECASE)
-
-
-def redact_credentials(text: str) -> str:
-    """``text`` with credentials inside URLs masked: ``https://user:pass@host`` -> ``https://***@host``, and
-    the values of secret-looking query parameters (``?token=...``, ``X-Amz-Signature=...``) -> ``***``."""
-    return _SECRET_QUERY.sub(r"\g<name>***", _URL_USERINFO.sub(r"\g<scheme>***@", text))
 
 
 def _is_secret_key(name: str) -> bool:

@@ -22,8 +22,9 @@ from fake_judge import FakeJudge, per_capability, prefer_marker
 from pipeline_fixtures import REPO, write_config, write_task
 
 from dmoerm.labeling import JudgeConfig
+from dmoerm.redact import redact_credentials
 from dmoerm.submit import forwarded_env, withheld_env
-from dmoerm.tracking import flatten_params, redact_credentials
+from dmoerm.tracking import flatten_params
 
 CLUSTER_KEY = "sk-cluster-judge-key-71c9a4"  # set on the cluster's nodes only
 DECOY_KEY = "sk-submitter-judge-key-0b7e55"  # the same variable on the submitting machine: must stay there

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from dmoerm.data.records import Sample
 from dmoerm.labeling.cache import AnswerCache, CachedAnswer, Key
 from dmoerm.labeling.prompts import Verdict, build_messages, parse_verdict, question_sha256
-from dmoerm.tracking import redact_credentials
+from dmoerm.redact import redact_credentials
 
 if TYPE_CHECKING:
     import httpx

@@ -77,20 +77,29 @@ def label_capabilities(cfg: PipelineConfig, splits: dict[str, list[Sample]], lab
     return out
 
 
+def with_judge_cache(cfg: PipelineConfig) -> PipelineConfig:
+    """``cfg`` with the judge's answer cache defaulted to ``<platform.storage_uri>/judge-cache``: on the
+    run's storage, shared by every run, worker and ``dmoerm label``, so no paid question is asked twice."""
+    from dataclasses import replace
+
+    from dmoerm.storage import join_uri
+
+    if cfg.labels.judge is None or cfg.labels.judge.cache_path is not None:
+        return cfg
+    judge = replace(cfg.labels.judge, cache_path=join_uri(cfg.platform.storage_uri, "judge-cache"))
+    return replace(cfg, labels=replace(cfg.labels, judge=judge))
+
+
 def label_step(cfg: PipelineConfig, store: StageStore, route_key: str, labeler: Labeler | None = None) -> str:
     """Labels per (category, capability) and part (train/val), one jsonl each, and their index."""
     label_cfg = to_dict(cfg.labels)
     if cfg.labels.judge is not None:  # the cache location does not change the labels
         label_cfg["judge"].pop("cache_path", None)
         label_cfg["judge"].pop("concurrency", None)
-        if cfg.labels.judge.cache_path is None:  # default: on the run's storage, shared by every run and worker
-            from dataclasses import replace
-
-            from dmoerm.storage import join_uri
-
-            judge = replace(cfg.labels.judge, cache_path=join_uri(cfg.platform.storage_uri, "judge-cache"))
-            cfg = replace(cfg, labels=replace(cfg.labels, judge=judge))
+        cfg = with_judge_cache(cfg)
     files = {s.path: fingerprint_uri(s.path) for v in cfg.labels.datasets.values() for s in v}
+    if cfg.labels.source == "attributes" and cfg.labels.attributes_path:  # edited ratings re-label
+        files[cfg.labels.attributes_path] = fingerprint_uri(cfg.labels.attributes_path)
     key = store.key(route=route_key, labels=label_cfg, files=files, taxonomy=cfg.taxonomy, seed=cfg.seed)
     if store.done("labels", key) is None:
         caps = label_capabilities(cfg, splits_of(store, "route", route_key), labeler=labeler)
