@@ -1,12 +1,16 @@
-"""Phase 2 on Ray Train: K experts trained concurrently (one TorchTrainer each) vs sequentially in one process.
+"""Phase 2 on Ray: K experts in worker groups (the pipeline's policy) and one TorchTrainer each, vs in one process.
 
 The pipeline's upstream stages (data -> route -> labels -> trunk -> phase 1 per category) run once, keyed and
 kept under the scratch storage, on real hh-rlhf rows (two categories, two capabilities each: K = 4) and the
 MiniLM trunk. Then the same K experts (same config, inputs and stage keys) are trained
   sequential       ``train_expert_step`` for each expert in turn, in this process, torch at its default threads
                    (the cores of the machine; no Ray);
-  ray_concurrent   ``ray.init(num_cpus=2)`` and ``fit_expert.remote`` for all K at once, each a TorchTrainer with
-                   1 worker x 1 CPU (as ``Pipeline.run`` does): two experts train at a time.
+  ray_grouped      ``ray.init(num_cpus=N)`` (``--num-cpus``, 2) and the pipeline's phase 2 (``plan_expert_groups`` +
+                   ``launch_expert_groups`` + ``each_expert``) under ``platform.expert_resources.group`` (``--group``,
+                   auto: these small experts are packed into N plain-task groups of 1 CPU, each paying one process
+                   start-up and backbone load, its experts one after another); run first, on cold workers;
+  ray_concurrent   the same Ray instance, ``group=expert``: every expert its own TorchTrainer (1 worker x 1 CPU), all
+                   submitted at once (the pipeline before worker groups): N experts train at a time.
 Diagnostics, to tell why the speedup is what it is: the first expert in-process, cut short, at 1 torch thread
 vs the default, alternating (thread scaling: the Ray workers use 1 thread each), and one expert's TorchTrainer
 alone, split into start-up, backbone load, training and teardown (``_timed_loop`` mirrors
@@ -47,6 +51,7 @@ from _common import interleaved, median_ratio  # noqa: E402
 from dmoerm.config import PipelineConfig, load_config  # noqa: E402
 from dmoerm.stages.base import backbone_for  # noqa: E402
 from dmoerm.stages.data import data_step  # noqa: E402
+from dmoerm.stages.expert_groups import expert_slots, plan_expert_groups  # noqa: E402
 from dmoerm.stages.labels import capability_samples, label_step  # noqa: E402
 from dmoerm.stages.route import route_step  # noqa: E402
 from dmoerm.stages.store import StageStore  # noqa: E402
@@ -183,7 +188,9 @@ def main() -> None:
     parser.add_argument("--samples-per-file", type=int, default=240, help="hh-rlhf samples per category (splits)")
     parser.add_argument("--label-samples", type=int, default=300, help="capability-labelled samples per expert")
     parser.add_argument("--epochs", type=int, default=4, help="phase-2 epochs per expert")
-    parser.add_argument("--num-cpus", type=int, default=2, help="Ray CPUs (1 worker x 1 CPU per expert)")
+    parser.add_argument("--num-cpus", type=int, default=2, help="Ray CPUs (1 worker x 1 CPU per expert or group)")
+    parser.add_argument("--group", default="auto", choices=["auto", "category", "expert"],
+                        help="platform.expert_resources.group of the grouped run")
     parser.add_argument("--scaling-steps", type=int, default=50, help="steps of each thread-scaling run")
     parser.add_argument("--scaling-repeats", type=int, default=3, help="alternating 1-thread/default runs")
     parser.add_argument("--fresh", action="store_true", help="recompute the upstream stages too")
@@ -234,28 +241,40 @@ def main() -> None:
     thread_speedup = median_ratio(scaling["1"], scaling["default"])
     log(f"thread scaling {scaling}: {thread_speedup:.2f}")
 
-    # (b) concurrently through Ray Train: every expert its own TorchTrainer, all submitted at once
+    # (b) through Ray: the pipeline's worker groups, then every expert its own TorchTrainer, all submitted at once
     import ray
 
-    from jobs.train_experts import fit_expert
+    from jobs.train_experts import each_expert, launch_expert_groups
 
-    for d in (store.local_root / "stages" / "experts", storage / "ray_train"):
-        shutil.rmtree(d, ignore_errors=True)  # nothing may be skipped: same keys as (a), never trained through Ray
     start = time.perf_counter()
     ray_init(args.num_cpus)
     init_s = time.perf_counter() - start
-    start = time.perf_counter()
-    ray_store = StageStore(str(storage), run_id="bench-ray")
-    futures = {f"{i.category}/{i.capability}": fit_expert.remote(cfg, ray_store, i, expert_key(cfg, store, i))
-               for i in inputs}
-    infos = {n: ray.get(f) for n, f in futures.items()}
-    ray_concurrent_s = time.perf_counter() - start
-    log(f"Ray concurrent {ray_concurrent_s:.1f} s: {[info['seconds'] for info in infos.values()]}")
+    keys = [expert_key(cfg, store, i) for i in inputs]
+    names = {k: f"{i.category}/{i.capability}" for i, k in zip(inputs, keys)}
+
+    def ray_phase2(group: str) -> tuple[float, dict[str, dict], list]:
+        """The pipeline's phase 2 under ``group`` on the fresh Ray instance: wall seconds, infos, groups."""
+        for d in (store.local_root / "stages" / "experts", storage / "ray_train"):
+            shutil.rmtree(d, ignore_errors=True)  # nothing may be skipped: same keys as (a), never trained here
+        run_cfg = dataclasses.replace(cfg, platform=dataclasses.replace(
+            cfg.platform, expert_resources=dataclasses.replace(cfg.platform.expert_resources, group=group)))
+        ray_store = StageStore(str(storage), run_id=f"bench-ray-{group}")
+        start = time.perf_counter()
+        groups = plan_expert_groups(run_cfg, ray_store, inputs, keys,
+                                    expert_slots(run_cfg.platform.expert_resources, ray.cluster_resources()))
+        infos = {names[info["key"]]: info for info in each_expert(launch_expert_groups(run_cfg, ray_store, groups))}
+        wall = time.perf_counter() - start
+        log(f"Ray {group} {wall:.1f} s in {len(groups)} groups: {[info['seconds'] for info in infos.values()]}")
+        if any(info.get("run") != ray_store.run_id for info in infos.values()) or len(infos) != len(inputs):
+            raise RuntimeError(f"an expert was skipped in the Ray run: {infos}")
+        if any(info["steps"] != steps_per_expert[n] for n, info in infos.items()):
+            raise RuntimeError(f"Ray and in-process experts took different steps: {infos} vs {steps_per_expert}")
+        return wall, infos, [{"experts": [names[k] for _, k in g.experts], "trainer": g.trainer} for g in groups]
+
+    ray_grouped_s, grouped, group_plan = ray_phase2(args.group)
+    load["after_ray_grouped"] = [round(x, 2) for x in os.getloadavg()]
+    ray_concurrent_s, infos, _ = ray_phase2("expert")
     load["after_ray"] = [round(x, 2) for x in os.getloadavg()]
-    if any(info.get("run") != "bench-ray" for info in infos.values()):
-        raise RuntimeError(f"an expert was skipped in the Ray run: {infos}")
-    if any(info["steps"] != steps_per_expert[n] for n, info in infos.items()):
-        raise RuntimeError(f"Ray and in-process experts took different steps: {infos} vs {steps_per_expert}")
     timed = timed_fit(cfg, storage, inputs[0])  # alone: the fixed cost of one fit, split up
     log(f"timed fit {timed}")
     load["after_timed_fit"] = [round(x, 2) for x in os.getloadavg()]
@@ -273,6 +292,11 @@ def main() -> None:
         "K": len(inputs), "cpu_count": os.cpu_count(), "ray_num_cpus": args.num_cpus,
         "torch_default_threads": default_threads,
         "sequential_s": round(sequential_s, 1),
+        "ray_grouped_s": round(ray_grouped_s, 1),
+        "speedup_grouped": round(sequential_s / ray_grouped_s, 2),
+        "group_policy": args.group, "groups": group_plan,
+        "expert_grouped_s": {n: info["seconds"] for n, info in grouped.items()},
+        "expert_grouped_train_s": {n: info["train_seconds"] for n, info in grouped.items()},
         "ray_concurrent_s": round(ray_concurrent_s, 1),
         "speedup": round(sequential_s / ray_concurrent_s, 2),
         "per_fit_overhead_s": round(overhead_s, 1),

@@ -32,13 +32,14 @@ from dmoerm.pipeline import Step, open_store, run_pipeline, stage_outcome
 from dmoerm.progress import StageProgress
 from dmoerm.redact import redact_credentials
 from dmoerm.runlog import LOG_LEVEL_ENV, log_dir, log_level, log_to_file
+from dmoerm.stages.expert_groups import expert_slots, plan_expert_groups
 from dmoerm.stages.search import SearchTarget, search_step
 from dmoerm.stages.store import StageStore
 from dmoerm.stages.train import ExpertInputs, expert_key
 from dmoerm.submit import forwarded_env, withheld_env
 from dmoerm.tracking import Tracker, open_tracker
 from jobs.label_judge import RayLabeler
-from jobs.train_experts import fit_expert
+from jobs.train_experts import each_expert, launch_expert_groups
 from tuning.search_hparams import search_hparams
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,11 +105,44 @@ class RayExecutor:
             name, i = names[n], inputs[n]
             _, self.ran[name] = stage_outcome(self.store, name, keys[n], info)
             self.tracker.log_expert(name, keys[n], info, self.ran[name])
-            self.experts[f"{i.category}/{i.capability}"] = {k: info.get(k) for k in ("resumed_from_step", "steps",
-                                                                                     "workers", "val_accuracy")}
+            self.experts[f"{i.category}/{i.capability}"] = {k: info.get(k) for k in (
+                "resumed_from_step", "steps", "workers", "val_accuracy", "node_id", "group", "train_seconds")}
 
-        self._wait_each([fit_expert.remote(self.cfg, self.store, i, k) for i, k in zip(inputs, keys)], names, record)
+        self._wait_experts(inputs, keys, names, record)
         return keys
+
+    def _wait_experts(self, inputs: list[ExpertInputs], keys: list[str], names: list[str],
+                      record: Callable[[int, dict], None]) -> None:
+        """Phase 2 in worker groups (``platform.expert_resources.group``), every expert shown as its own stage
+        as it finishes, whichever group it is in; finished experts are skipped without starting a group."""
+        group = "experts" if len(names) > 1 else None
+        t0 = time.monotonic()
+        for name in names:
+            self.progress.start(name, group)
+        left, index = dict(enumerate(keys)), {k: n for n, k in enumerate(keys)}
+
+        def finish(n: int, info: dict) -> None:
+            record(n, info)
+            self.progress.finish(names[n], "done" if self.ran[names[n]] else "skipped", time.monotonic() - t0)
+            del left[n]
+
+        try:
+            for n, key in list(left.items()):
+                if (done := self.store.done("experts", key)) is not None:
+                    finish(n, {**done, "key": key})
+            slots = expert_slots(self.cfg.platform.expert_resources, ray.cluster_resources())
+            groups = plan_expert_groups(self.cfg, self.store, [inputs[n] for n in left], list(left.values()), slots)
+            logging.getLogger(__name__).info("phase 2: %d experts in %d worker groups: %s", len(left), len(groups),
+                                             "; ".join(f"{g.name} ({'trainer' if g.trainer else 'task'}, "
+                                                       f"{len(g.experts)} experts)" for g in groups))
+            for info in each_expert(launch_expert_groups(self.cfg, self.store, groups)):
+                finish(index[info["key"]], info)
+            if left:
+                raise RuntimeError(f"phase 2 ended without experts {[names[n] for n in left]}")
+        except BaseException:
+            for n in left:
+                self.progress.finish(names[n], "failed", time.monotonic() - t0)
+            raise
 
     def search(self, target: SearchTarget) -> str:
         child = None

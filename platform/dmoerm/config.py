@@ -132,11 +132,30 @@ class ResourceConfig:
     use_gpu: bool = False
     """One GPU per worker when the cluster has them."""
     max_failures: int = 2
-    """Worker failures a trainer recovers from (restarting from its last checkpoint)."""
+    """Worker failures a trainer recovers from (restarting from its last checkpoint); a group task is retried
+    as often (its finished experts are skipped, the one in progress resumes from its epoch checkpoint)."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each worker also reserves, e.g. ``{gpu_type_a: 1}`` for nodes started with that
+    resource (a GPU type, a node pool): the experts then train on those nodes only."""
+    group: Literal["auto", "category", "expert"] = "auto"
+    """How experts share worker groups (each group pays one start-up and backbone load; its experts train
+    one after another, each exactly as alone). ``expert``: one Ray Train trainer per expert. ``category``:
+    one trainer per category. ``auto``: an expert of at least ``own_trainer_rows`` gets its own trainer; the
+    rest are packed into as many groups as the cluster runs at once (balanced by rows x epochs), each a
+    plain Ray task (often a worker process the earlier stages left warm)."""
+    own_trainer_rows: int = 50_000
+    """``auto``: training responses x epochs from which an expert gets its own (data-parallel, checkpointed
+    in shared storage) trainer; below, its fixed cost (~15 s per trainer on a CPU node) outweighs it."""
 
     def __post_init__(self) -> None:
         if self.num_workers < 1 or self.cpus_per_worker <= 0 or self.max_failures < 0:
             raise ValueError("resources: num_workers >= 1, cpus_per_worker > 0 and max_failures >= 0 are required")
+        if self.own_trainer_rows < 0:
+            raise ValueError(f"resources.own_trainer_rows must be >= 0, got {self.own_trainer_rows}")
+        bad = {k: v for k, v in self.resources.items() if k in ("CPU", "GPU") or not v > 0}
+        if bad:
+            raise ValueError(f"resources.resources: custom resources with amounts > 0 only (CPU and GPU come from "
+                             f"cpus_per_worker and use_gpu), got {bad}")
 
 
 @dataclass
@@ -200,7 +219,7 @@ class PlatformConfig:
     alias: str = "champion"
     """The registry alias that promotion moves."""
     expert_resources: ResourceConfig = field(default_factory=ResourceConfig)
-    """Each phase-2 expert's Ray Train trainer."""
+    """Phase 2 on Ray: each worker's resources and how experts share worker groups."""
     tune: TuneConfig = field(default_factory=TuneConfig)
     """The searches: each category's aggregator and the single-RM baseline, with one budget."""
     promotion: PromotionConfig = field(default_factory=PromotionConfig)

@@ -4,6 +4,7 @@ training row, computed once; phase 1 per category (and the single-RM baseline); 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -129,10 +130,13 @@ def adapter_tensors(experts: nn.Module, capability: str) -> dict[str, torch.Tens
 
 
 def train_expert_step(cfg: PipelineConfig, store: StageStore, inputs: ExpertInputs, key: str, hooks: FitHooks,
-                      wrap: Callable[[nn.Module], nn.Module] | None = None) -> FitResult:
+                      wrap: Callable[[nn.Module], nn.Module] | None = None, placement: dict | None = None
+                      ) -> FitResult:
     """Train one capability expert; rank 0 of ``hooks.shard`` then saves it under ``key`` (its own tensors,
-    its training curves, DONE). ``wrap`` wraps the model for data parallelism (e.g. DDP)."""
+    its training curves, DONE with its ``train_seconds``). ``wrap`` wraps the model for data parallelism
+    (e.g. DDP); ``placement`` (where it ran: node, worker group) goes into its DONE info and metrics."""
     rank, world = hooks.shard
+    started = time.perf_counter()
     train = capability_samples(store, inputs.labels, inputs.category, inputs.capability, "train")
     val = capability_samples(store, inputs.labels, inputs.category, inputs.capability, "val")
     cache = trunk_cache(cfg, store, inputs.trunk, train + val)
@@ -150,8 +154,9 @@ def train_expert_step(cfg: PipelineConfig, store: StageStore, inputs: ExpertInpu
                           desc=f"{inputs.category}/expert/{cap}", wrap=wrap,
                           hooks=dataclasses.replace(hooks, log_metric=log_metric))
     if rank == 0:
-        resumed = {"resumed_from_step": result.resumed_from_step, "workers": world}
-        info = {"val_accuracy": result.best_val_accuracy, "steps": result.steps, **resumed}
+        resumed = {"resumed_from_step": result.resumed_from_step, "workers": world, **(placement or {})}
+        info = {"val_accuracy": result.best_val_accuracy, "steps": result.steps, **resumed,
+                "train_seconds": round(time.perf_counter() - started, 2)}
         store.put_json("experts", key, "metrics.json", {**curves, "history": result.history, **resumed})
         save_tensors(adapter_tensors(experts, cap), store.local("experts", key) / "adapter.safetensors")
         store.mark_done("experts", key, info)
