@@ -16,7 +16,7 @@ LAYERS = [  # bottom first; a module may import from its own layer and the layer
      "redact", "device"},
     {"data"},
     {"modeling"},
-    {"training", "labeling", "promotion", "evaluation"},
+    {"training", "labeling", "promotion", "evaluation", "generation"},
     {"bundle", "config"},
     {"stages", "tracking", "mlflow_model", "mlflow_entry"},
     {"registry", "pipeline", "submit"},
