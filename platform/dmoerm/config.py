@@ -93,7 +93,9 @@ class ModelConfig:
     revision: str | None = None
     """Hub revision (commit) of the base, recorded in the bundle."""
     top_layers: int = 1
-    """Blocks above the shared frozen trunk: fine-tuned in phase 1, carrying the LoRA experts."""
+    """Blocks above the shared frozen trunk: fine-tuned in phase 1, carrying the LoRA experts. Up to the
+    number of blocks (the paper's recipe: the trunk is then the embeddings' output); fewer is faster, as
+    every category and expert shares the trunk's one pass (README: "LLM bases and the paper's recipe")."""
     pooling: Literal["auto", "cls", "mean", "last"] = "auto"
     """Hidden state that represents a response: auto = cls for encoders, last non-pad token for decoders."""
     max_length: int = 256
@@ -102,12 +104,30 @@ class ModelConfig:
     """Allow a model repository's own code to run (off unless you trust it)."""
     feature_batch_size: int = 32
     """Rows per forward when computing frozen features."""
+    trunk_cache: Literal["auto", "cached", "recompute"] = "auto"
+    """How phases 1-3 get the frozen trunk's states of their rows. ``cached``: computed once by the trunk
+    stage into safetensors shards of ~``trunk_shard_mb`` under its folder, read per batch (never whole in
+    memory; with S3 storage only the shards a batch needs are downloaded). ``recompute``: the trunk runs on
+    every batch from the token ids. ``auto``: cached when the estimate (rows x mean tokens x hidden size x
+    precision bytes) fits ``trunk_cache_budget_gb``, else recompute, and recompute when the trunk is only
+    the embeddings. The trunk stage logs the estimate and the choice and records them in its DONE.json;
+    both give the same trained model."""
+    trunk_cache_budget_gb: float = 16.0
+    """``trunk_cache: auto``: the largest estimated cache (GB, disk or S3) to build."""
+    trunk_shard_mb: float = 256.0
+    """Size of one trunk cache shard (MB): the unit read from disk and downloaded from S3."""
     precision: Literal["float32"] = "float32"
     """One precision for every phase's training, its cached features (trunk and expert states are stored
     in it) and scoring, on every executor: a model is never trained on rounded features and scored on
     exact ones."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """The capability experts' LoRA settings."""
+
+    def __post_init__(self) -> None:
+        if self.trunk_cache_budget_gb < 0:
+            raise ValueError(f"model.trunk_cache_budget_gb must be >= 0, got {self.trunk_cache_budget_gb}")
+        if self.trunk_shard_mb <= 0:
+            raise ValueError(f"model.trunk_shard_mb must be > 0, got {self.trunk_shard_mb}")
 
 
 @dataclass

@@ -75,7 +75,7 @@ def test_encode_respects_max_length_keeping_the_latest_context_and_the_response_
         router_rows.input_ids[0]).lower()
 
 
-@pytest.mark.parametrize("top_layers", [0, 3])
+@pytest.mark.parametrize("top_layers", [0, 4])  # 3 (every block) is the paper's recipe: test_decoder_bases.py
 def test_top_layers_out_of_range_is_rejected(top_layers):
     with pytest.raises(ValueError, match="model.top_layers"):
         build_backbone(tiny_model("bert"), minilm_tokenizer(), top_layers=top_layers)

@@ -2,13 +2,20 @@
 
 The trunk (embeddings and the lower ``num_layers - top_layers`` blocks) is frozen in every phase and
 shared by the router, every category and every capability expert, so it runs once per input in training
-(where its outputs are cached) and in scoring. Only the top blocks are fine-tuned (phase 1) and carry
-the LoRA experts (phase 2). The split works for any HF backbone without per-architecture code: a forward
-pre-hook on the first top block captures the exact hidden states and the layer arguments (attention
-mask, rotary embeddings, ...) that the model itself prepares, and stops the forward there.
+(where its outputs are cached or recomputed, ``dmoerm.training.features``) and in scoring. Only the top
+blocks are fine-tuned (phase 1) and carry the LoRA experts (phase 2); with ``top_layers`` equal to the
+number of blocks (the paper's recipe: every block fine-tuned, LoRA on every block) the trunk is the
+embeddings' output, what block 0 receives. The split works for any HF backbone without
+per-architecture code: a forward pre-hook on the first top block captures the exact hidden states and
+the layer arguments (attention mask, rotary embeddings, ...) that the model itself prepares, and stops
+the forward there.
 
 Rows are tokenized once (``tokenize``: ids plus what truncation dropped), bucketed by real token length
 (``length_batches``, optionally capped by padded tokens per batch) and padded per batch (``pad``).
+Batches are always right-padded, whatever the tokenizer's ``padding_side``: decoders (Llama, Qwen2, ...)
+number positions from the first column when no position ids are given, so left padding would shift
+every real token's position; with right padding a row's states equal those of the row alone, and
+``last`` pooling reads each row's last real token from its mask (either side).
 """
 
 from __future__ import annotations
@@ -75,14 +82,16 @@ def find_final_norm(model: nn.Module) -> nn.Module:
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
-    """(N, T, H), (N, T) -> (N, H). Right padding is assumed for ``last``."""
+    """(N, T, H), (N, T) -> (N, H). ``last``: each row's last position whose mask is set (right or left
+    padding alike; position 0 for an empty mask)."""
     if how == "cls":
         return hidden[:, 0]
     if how == "mean":
         m = mask.unsqueeze(-1).to(hidden.dtype)  # (N, T, 1)
         return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
     if how == "last":
-        last = mask.long().sum(1).clamp_min(1) - 1  # (N,)
+        pos = torch.arange(mask.size(1), device=mask.device).expand_as(mask)  # (N, T)
+        last = torch.where(mask.bool(), pos, torch.zeros_like(pos)).amax(1)  # (N,)
         return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
     raise ValueError(f"unknown pooling {how!r}; expected cls, mean or last")
 
@@ -172,9 +181,10 @@ class Backbone(nn.Module):
         super().__init__()
         self.model, self.tokenizer = model, tokenizer
         self.layers_name, layers = find_layers(model)
-        if not 1 <= top_layers < len(layers):
-            raise ValueError(f"model.top_layers must be in [1, {len(layers) - 1}] for a {len(layers)}-layer "
-                             f"backbone, got {top_layers}")
+        if not 1 <= top_layers <= len(layers):
+            raise ValueError(f"model.top_layers must be in [1, {len(layers)}] for a {len(layers)}-layer "
+                             f"backbone ({len(layers)}: every block trained, the trunk is the embeddings), "
+                             f"got {top_layers}")
         self.num_layers, self.top_layers = len(layers), top_layers
         self.split = len(layers) - top_layers
         model_type = getattr(model.config, "model_type", "")
@@ -183,8 +193,10 @@ class Backbone(nn.Module):
         self.max_length = max_length
         self.hidden_size = int(model.config.hidden_size)
         self.reference, self.revision = reference, revision
-        if tokenizer.pad_token_id is None:
+        if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        """Filler id of padded positions (masked out): the pad token, else eos, else 0."""
         model.eval()
         model.requires_grad_(False)
 
@@ -242,7 +254,7 @@ class Backbone(nn.Module):
     def pad(self, rows: Sequence[TokenRow]) -> Encoded:
         """Right-pad tokenized rows into one batch."""
         width = max(len(r.ids) for r in rows)
-        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)  # (N, T)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)  # (N, T)
         mask = torch.zeros((len(rows), width), dtype=torch.long)  # (N, T)
         for i, r in enumerate(rows):
             ids[i, : len(r.ids)] = torch.tensor(r.ids, dtype=torch.long)

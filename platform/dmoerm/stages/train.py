@@ -1,17 +1,22 @@
-"""Stages ``trunk``, ``phase1``/``baseline`` and ``experts``: the frozen trunk's hidden states of every
-training row, computed once; phase 1 per category (and the single-RM baseline); one capability expert."""
+"""Stages ``trunk``, ``phase1``/``baseline`` and ``experts``: the trunk-cache policy of the run (and, when
+cached, the frozen trunk's hidden states of every training row, computed once, in shards); phase 1 per
+category (and the single-RM baseline); one capability expert."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from dmoerm import storage
 from dmoerm.bundle import save_tensors
 from dmoerm.config import PipelineConfig
 from dmoerm.data.records import Sample
@@ -22,33 +27,89 @@ from dmoerm.stages.data import splits_of
 from dmoerm.stages.labels import capability_samples
 from dmoerm.stages.search import baseline_settings
 from dmoerm.stages.store import StageStore
-from dmoerm.training.features import TrunkCache, load_trunk_cache, row_key, save_trunk_cache
+from dmoerm.training.features import (
+    CachedTrunk,
+    RecomputedTrunk,
+    TrunkFeatures,
+    TrunkShardWriter,
+    choose_trunk_policy,
+    estimate_trunk_bytes,
+    row_key,
+    sample_rows,
+)
 from dmoerm.training.loop import FitHooks, FitResult
 from dmoerm.training.phases import capability_groups, train_expert, train_top
 
+logger = logging.getLogger(__name__)
+
 
 # ---- trunk features -------------------------------------------------------------------------------
+def trunk_groups(store: StageStore, route_key: str, label_key: str) -> list[list[Sample]]:
+    """The samples of every row a later stage trains or validates on, in the groups stages read together:
+    phase 1, phase 3, validation, then each capability label file."""
+    splits = splits_of(store, "route", route_key)
+    groups = [splits["phase1"], splits["phase3"], splits["val"]]
+    for entry in store.get_json("labels", label_key, "index.json"):
+        groups.append(store.get_samples("labels", label_key, entry["file"]))
+    return groups
+
+
 def trunk_step(cfg: PipelineConfig, store: StageStore, route_key: str, label_key: str) -> str:
-    """Trunk states of every row a later stage trains or validates on: phase 1, phase 3, validation and
-    every capability label's rows."""
-    key = store.key(route=route_key, labels=label_key, model=model_id(cfg))
+    """The trunk-cache policy of this run's rows (phase 1, phase 3, validation and every capability label's
+    rows), and with the cached one their trunk states, in shards. The estimate and the choice are logged
+    and recorded in DONE.json; the choice is part of the key (the stage holds shards or not)."""
+    m = cfg.model
+    backbone = backbone_for(cfg)
+    groups = trunk_groups(store, route_key, label_key)
+    dtype = getattr(torch, m.precision)
+    estimate = estimate_trunk_bytes(backbone, [row for g in groups for row in sample_rows(g)], dtype)
+    policy, why = choose_trunk_policy(m.trunk_cache, estimate.bytes, m.trunk_cache_budget_gb,
+                                      embeddings_only=backbone.split == 0)
+    key = store.key(route=route_key, labels=label_key, model=model_id(cfg), trunk_policy=policy)
     if store.done("trunk", key) is None:
-        splits = splits_of(store, "route", route_key)
-        cache = TrunkCache(backbone_for(cfg), batch_size=cfg.model.feature_batch_size)
-        rows = splits["phase1"] + splits["phase3"] + splits["val"]
-        for entry in store.get_json("labels", label_key, "index.json"):
-            rows += store.get_samples("labels", label_key, entry["file"])
-        cache.add_samples(rows)
-        save_trunk_cache(cache, str(store.local("trunk", key) / "trunk.safetensors"),
-                         getattr(torch, cfg.model.precision))
-        store.mark_done("trunk", key, {"rows": len(cache)})
+        info = {"policy": policy, "reason": why, "rows": estimate.rows, "mean_tokens": round(estimate.mean_tokens, 2),
+                "estimate_bytes": estimate.bytes, "estimate_gb": round(estimate.bytes / 1e9, 4),
+                "budget_gb": m.trunk_cache_budget_gb, "mode": m.trunk_cache}
+        logger.info("trunk features: %d rows x %.1f tokens x H=%d in %s ~ %.3g GB: %s (%s)", estimate.rows,
+                    estimate.mean_tokens, backbone.hidden_size, m.precision, estimate.bytes / 1e9, policy, why)
+        if policy == "cached":
+            writer = TrunkShardWriter(backbone, store.local("trunk", key), dtype=dtype,
+                                      shard_bytes=max(1, int(m.trunk_shard_mb * 2**20)),
+                                      batch_size=m.feature_batch_size)
+            for g in groups:
+                writer.add_samples(g)
+            written = writer.close()
+            info.update(rows=written["rows"], shards=written["shards"], bytes=written["bytes"])
+            logger.info("trunk cache: %d rows in %d shards, %.3g GB", written["rows"], written["shards"],
+                        written["bytes"] / 1e9)
+        store.mark_done("trunk", key, info)
     return key
 
 
-def trunk_cache(cfg: PipelineConfig, store: StageStore, trunk_key: str, samples: list[Sample]) -> TrunkCache:
-    """The cached rows of ``samples`` only (read lazily from the stage's file)."""
-    keys = [row_key(s.context, r) for s in samples for r in s.responses]
-    return load_trunk_cache(backbone_for(cfg), str(store.path("trunk", trunk_key, "trunk.safetensors")), keys)
+def _fetch(store: StageStore, stage: str, key: str) -> Callable[[str], Path]:
+    """A stage file's local path, downloaded (streamed, then renamed into place, so concurrent readers
+    never see half a file) when the storage is remote and this machine lacks it."""
+    def fetch(name: str) -> Path:
+        local = store.local(stage, key) / name
+        if store.remote and not local.exists():
+            with storage.open_uri(store.uri(stage, key, name), "rb") as src, \
+                    storage.open_uri(str(local), "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        return local
+
+    return fetch
+
+
+def trunk_cache(cfg: PipelineConfig, store: StageStore, trunk_key: str, samples: list[Sample]) -> TrunkFeatures:
+    """The trunk states of ``samples``' rows under the policy the trunk stage chose: its shards (read per
+    batch, fetched when first needed) or the trunk recomputed per batch."""
+    info = store.done("trunk", trunk_key)
+    if info is None or "policy" not in info:
+        raise ValueError(f"trunk stage {trunk_key} is not done (or was built by an older version without a "
+                         f"trunk-cache policy); run the trunk stage first")
+    if info["policy"] == "cached":
+        return CachedTrunk(_fetch(store, "trunk", trunk_key), [row_key(c, r) for c, r in sample_rows(samples)])
+    return RecomputedTrunk(backbone_for(cfg), getattr(torch, cfg.model.precision)).add_samples(samples)
 
 
 def checkpoint_hooks(store: StageStore, stage: str, key: str) -> FitHooks:

@@ -22,24 +22,24 @@ from dmoerm.modeling.aggregator import Aggregator, AggregatorConfig
 from dmoerm.modeling.backbone import Backbone, length_batches
 from dmoerm.modeling.router import RouterHead, RouterInput
 from dmoerm.modeling.top import TopStack, adapter_name, owned_by, run_experts
-from dmoerm.training.features import TrunkCache
+from dmoerm.training.features import TrunkFeatures
 from dmoerm.training.loop import FitHooks, FitResult, Group, MetricFn, TrainConfig, fit_pairwise
 
 logger = logging.getLogger(__name__)
 
 
-def human_groups(samples: Sequence[Sample], cache: TrunkCache) -> list[Group]:
+def human_groups(samples: Sequence[Sample], cache: TrunkFeatures) -> list[Group]:
     """One group per sample: its responses' trunk rows and every differently-ranked pair."""
     return [Group([cache.row(s.context, r) for r in s.responses], s.pairs()) for s in samples]
 
 
-def capability_groups(samples: Sequence[Sample], capability: str, cache: TrunkCache) -> list[Group]:
+def capability_groups(samples: Sequence[Sample], capability: str, cache: TrunkFeatures) -> list[Group]:
     """One group per sample that carries labels for ``capability``."""
     return [Group([cache.row(s.context, r) for r in s.responses], list(s.capability_prefs[capability]))
             for s in samples if s.capability_prefs.get(capability)]
 
 
-def top_reward_fn(model: nn.Module, backbone: Backbone, cache: TrunkCache):
+def top_reward_fn(model: nn.Module, backbone: Backbone, cache: TrunkFeatures):
     """Reward of cached rows through a TopStack (or its peft wrapper with the active adapter)."""
 
     def reward(rows: Sequence[int]) -> torch.Tensor:
@@ -50,7 +50,7 @@ def top_reward_fn(model: nn.Module, backbone: Backbone, cache: TrunkCache):
     return reward
 
 
-def train_top(backbone: Backbone, cache: TrunkCache, train: Sequence[Sample], val: Sequence[Sample],
+def train_top(backbone: Backbone, cache: TrunkFeatures, train: Sequence[Sample], val: Sequence[Sample],
               settings: TrainConfig, *, seed: int = 0, desc: str = "phase1", hooks: FitHooks | None = None
               ) -> tuple[TopStack, FitResult]:
     """Phase 1 (and the single-RM baseline): fine-tune the top blocks and a value head on human ranks."""
@@ -62,7 +62,7 @@ def train_top(backbone: Backbone, cache: TrunkCache, train: Sequence[Sample], va
     return top, result
 
 
-def train_expert(experts: nn.Module, capability: str, backbone: Backbone, cache: TrunkCache,
+def train_expert(experts: nn.Module, capability: str, backbone: Backbone, cache: TrunkFeatures,
                  train: Sequence[Group], val: Sequence[Group], settings: TrainConfig, *, seed: int = 0,
                  desc: str | None = None, hooks: FitHooks | None = None,
                  wrap: Callable[[nn.Module], nn.Module] | None = None) -> FitResult:
@@ -80,13 +80,14 @@ def train_expert(experts: nn.Module, capability: str, backbone: Backbone, cache:
 
 
 @torch.no_grad()
-def expert_features(experts: nn.Module, capabilities: list[str], backbone: Backbone, cache: TrunkCache,
+def expert_features(experts: nn.Module, capabilities: list[str], backbone: Backbone, cache: TrunkFeatures,
                     rows: Sequence[int], batch_size: int = 32, progress: bool = True) -> torch.Tensor:
     """Frozen experts' pooled hidden states for ``rows``, computed once: (len(rows), K, H)."""
     experts.eval()
     out = torch.zeros(len(rows), len(capabilities), backbone.hidden_size)
     bar = tqdm(total=len(rows), desc="expert features", unit="row", disable=not progress, leave=False)
-    for idx in length_batches([cache.rows[r].size(0) for r in rows], batch_size):
+    lengths = cache.lengths()
+    for idx in length_batches([lengths[r] for r in rows], batch_size):
         hidden, mask = cache.collate([rows[i] for i in idx])
         out[idx] = run_experts(experts, capabilities, backbone, hidden, mask).pooled  # (B, K, H)
         bar.update(len(idx))
@@ -94,7 +95,7 @@ def expert_features(experts: nn.Module, capabilities: list[str], backbone: Backb
     return out
 
 
-def phase3_features(experts: nn.Module, capabilities: list[str], backbone: Backbone, cache: TrunkCache,
+def phase3_features(experts: nn.Module, capabilities: list[str], backbone: Backbone, cache: TrunkFeatures,
                     train: Sequence[Sample], val: Sequence[Sample], batch_size: int = 32, progress: bool = True
                     ) -> tuple[torch.Tensor, list[Group], list[Group]]:
     """Expert features of every phase-3 and validation row, computed once: (R, K, H), and the two group
