@@ -1,6 +1,6 @@
-"""cluster/secrets.py, the launcher's way to give a node its secrets without files: the SSM parameters
+"""cluster/ssm_env.py, the launcher's way to give a node its secrets without files: the SSM parameters
 under a prefix, read from moto's server over HTTP (real boto3 calls), become variables of the shell that
-runs `eval "$(python -m cluster.secrets ...)"`, values with quotes and dollars intact."""
+runs `eval "$(python -m cluster.ssm_env ...)"`, values with quotes and dollars intact."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def ssm(s3_server, request):
 
 
 def _eval(prefix: str, *, echo: str, extra: str = "") -> subprocess.CompletedProcess:
-    script = f'eval "$({sys.executable} -m cluster.secrets --prefix {prefix} {extra})" && printf %s "${echo}"'
+    script = f'eval "$({sys.executable} -m cluster.ssm_env --prefix {prefix} {extra})" && printf %s "${echo}"'
     return subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True, env={**os.environ})
 
 
@@ -44,7 +44,7 @@ def test_parameters_become_the_start_shells_environment(ssm):
 def test_a_missing_ray_token_fails_the_start(ssm):
     client, prefix = ssm
     client.put_parameter(Name=f"{prefix}HF_TOKEN", Value="hf", Type="SecureString")
-    out = subprocess.run([sys.executable, "-m", "cluster.secrets", "--prefix", prefix], cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "cluster.ssm_env", "--prefix", prefix], cwd=REPO,
                          capture_output=True, text=True)
     assert out.returncode == 2 and f"missing under {prefix}: RAY_AUTH_TOKEN" in out.stderr
     assert out.stdout == ""
@@ -54,6 +54,6 @@ def test_a_parameter_that_is_no_variable_name_is_refused(ssm):
     client, prefix = ssm
     client.put_parameter(Name=f"{prefix}RAY_AUTH_TOKEN", Value="t", Type="SecureString")
     client.put_parameter(Name=f"{prefix}bad-name", Value="x", Type="SecureString")
-    out = subprocess.run([sys.executable, "-m", "cluster.secrets", "--prefix", prefix], cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "cluster.ssm_env", "--prefix", prefix], cwd=REPO,
                          capture_output=True, text=True)
     assert out.returncode == 2 and "'bad-name' is not an environment variable name" in out.stderr

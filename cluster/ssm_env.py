@@ -1,6 +1,6 @@
 """Print ``export NAME=value`` lines for the SSM parameters under a prefix, for a node's start command:
 
-    eval "$(python -m cluster.secrets --prefix /dmoerm/)" && ray start ...
+    eval "$(python -m cluster.ssm_env --prefix /dmoerm/)" && ray start ...
 
 Each parameter ``<prefix><NAME>`` (SecureString, decrypted) becomes the variable ``NAME`` in the shell that
 starts Ray, so Ray's processes and the jobs inherit it and nothing is written to disk. The node's
@@ -47,14 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         values = read_parameters(prefix)
     except Exception as e:  # boto3's errors name the parameter path, never a value
-        print(f"cluster.secrets: cannot read SSM parameters under {prefix}: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"cluster.ssm_env: cannot read SSM parameters under {prefix}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     missing = [n for n in args.require if n not in values]
     if missing:
-        print(f"cluster.secrets: missing under {prefix}: {', '.join(missing)}", file=sys.stderr)
+        print(f"cluster.ssm_env: missing under {prefix}: {', '.join(missing)}", file=sys.stderr)
         return 2
     sys.stdout.write(export_lines(values))
-    print(f"cluster.secrets: exported {', '.join(sorted(values))}", file=sys.stderr)
+    print(f"cluster.ssm_env: exported {', '.join(sorted(values))}", file=sys.stderr)
     return 0
 
 
