@@ -1,6 +1,8 @@
 """Print ``export NAME=value`` lines for the SSM parameters under a prefix, for a node's start command:
 
-    eval "$(python -m cluster.ssm_env --prefix /dmoerm/)" && ray start ...
+    SECRETS="$(python -m cluster.ssm_env --prefix /dmoerm/)" && eval "$SECRETS" && ray start ...
+
+(not ``eval "$(...)"`` alone: its status is eval's, 0 even when reading the parameters failed).
 
 Each parameter ``<prefix><NAME>`` (SecureString, decrypted) becomes the variable ``NAME`` in the shell that
 starts Ray, so Ray's processes and the jobs inherit it and nothing is written to disk. The node's

@@ -26,7 +26,9 @@ def ssm(s3_server, request):
 
 
 def _eval(prefix: str, *, echo: str, extra: str = "") -> subprocess.CompletedProcess:
-    script = f'eval "$({sys.executable} -m cluster.ssm_env --prefix {prefix} {extra})" && printf %s "${echo}"'
+    # the launcher's own form: the assignment carries the reader's exit status, so a failed read stops the chain
+    script = (f'S="$({sys.executable} -m cluster.ssm_env --prefix {prefix} {extra})" && eval "$S" && '
+              f'printf %s "${echo}"')
     return subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True, env={**os.environ})
 
 
@@ -44,10 +46,9 @@ def test_parameters_become_the_start_shells_environment(ssm):
 def test_a_missing_ray_token_fails_the_start(ssm):
     client, prefix = ssm
     client.put_parameter(Name=f"{prefix}HF_TOKEN", Value="hf", Type="SecureString")
-    out = subprocess.run([sys.executable, "-m", "cluster.ssm_env", "--prefix", prefix], cwd=REPO,
-                         capture_output=True, text=True)
+    out = _eval(prefix, echo="HF_TOKEN")
     assert out.returncode == 2 and f"missing under {prefix}: RAY_AUTH_TOKEN" in out.stderr
-    assert out.stdout == ""
+    assert out.stdout == ""  # nothing after the failed read ran
 
 
 def test_a_parameter_that_is_no_variable_name_is_refused(ssm):
