@@ -1,7 +1,7 @@
 """The model bundle: everything needed to score, in one versioned folder.
 
     bundle.json                  format version, base model reference + revision + weight fingerprint,
-                                 pooling, max length, taxonomy, router inputs (layers, max context
+                                 pooling, max length, precision, taxonomy, router inputs (layers, max context
                                  tokens, source), LoRA and aggregator settings, metrics
     tokenizer/                   the tokenizer files
     router.safetensors           router head
@@ -22,8 +22,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 
+from dmoerm.device import Precision, resolve_device
 from dmoerm.modeling.aggregator import Aggregator, AggregatorConfig
 from dmoerm.modeling.backbone import Backbone, load_backbone
 from dmoerm.modeling.reward_model import CategoryModel, RewardModel, SingleRewardModel
@@ -70,7 +72,8 @@ def save_bundle(path: str | Path, model: RewardModel, *, lora: LoraConfig, aggre
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "base": {"reference": bb.reference, "revision": bb.revision, "fingerprint": bb.fingerprint(),
                  "model_type": getattr(bb.model.config, "model_type", ""), "top_layers": bb.top_layers,
-                 "pooling": bb.pooling, "max_length": bb.max_length, "hidden_size": bb.hidden_size},
+                 "pooling": bb.pooling, "max_length": bb.max_length, "hidden_size": bb.hidden_size,
+                 "precision": bb.precision},
         "taxonomy": [{"name": c.name, "dir": safe_name(c.name), "capabilities": c.capabilities,
                       "aggregator": asdict(c.aggregator.spec)} for c in model.categories.values()],
         "router": router_meta(model.router_inputs, router_width),
@@ -136,10 +139,17 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 def load_bundle(path: str | Path, *, base: str | None = None, batch_size: int = 32,
                 max_batch_tokens: int | None = None, backbone: Backbone | None = None,
                 trust_remote_code: bool = False, check_fingerprint: bool = True,
-                categories: list[str] | None = None) -> LoadedBundle:
+                categories: list[str] | None = None, device: str | torch.device = "auto",
+                precision: Precision | None = None) -> LoadedBundle:
     """Load a bundle from a folder or an ``s3://`` prefix. ``base`` overrides where the base weights are
     read from (the same weights: their fingerprint is checked). ``batch_size`` and ``max_batch_tokens``
     bound the scorers' batches (rows, and padded tokens).
+
+    ``device`` is where the model scores (``auto``: cuda when torch sees a GPU, else cpu) and
+    ``precision`` how (None: the precision it was trained in, ``base.precision`` of bundle.json; bundles
+    written before it was recorded were float32). A bfloat16 bundle on a CPU device is refused unless
+    ``precision="float32"`` is asked for. Both apply when the base is loaded here; a given ``backbone``
+    keeps its own (it must match ``precision`` when that is given).
 
     ``categories`` loads only those categories' experts and aggregators (a serving replica that holds a
     few categories on a shared ``backbone``); such a model scores rows whose category is given, and has no
@@ -155,9 +165,19 @@ def load_bundle(path: str | Path, *, base: str | None = None, batch_size: int = 
     meta = read_meta(local)
     b = meta["base"]
     if backbone is None:
+        trained = b.get("precision", "float32")
+        dev = resolve_device(device)
+        if precision is None and trained != "float32" and dev.type != "cuda":
+            raise ValueError(f"{local}/bundle.json: this model was trained in {trained} (base.precision), which "
+                             f"scores on CUDA only, but the device is {str(dev)!r}; load it with device='cuda', "
+                             "or pass precision='float32' to score it in float32 here")
         backbone = load_backbone(base or b["reference"], top_layers=b["top_layers"], pooling=b["pooling"],
                                  max_length=b["max_length"], revision=b["revision"],
-                                 trust_remote_code=trust_remote_code, tokenizer_path=str(local / "tokenizer"))
+                                 trust_remote_code=trust_remote_code, tokenizer_path=str(local / "tokenizer"),
+                                 device=dev, precision=precision or trained)
+    elif precision is not None and precision != backbone.precision:
+        raise ValueError(f"load_bundle: precision={precision!r} but the given backbone computes in "
+                         f"{backbone.precision!r}")
     if check_fingerprint and backbone.fingerprint() != b["fingerprint"]:
         raise ValueError(f"{local}: the base model at {base or b['reference']!r} is not the one this bundle "
                          "was trained on (weight fingerprint differs)")

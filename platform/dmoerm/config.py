@@ -116,18 +116,33 @@ class ModelConfig:
     """``trunk_cache: auto``: the largest estimated cache (GB, disk or S3) to build."""
     trunk_shard_mb: float = 256.0
     """Size of one trunk cache shard (MB): the unit read from disk and downloaded from S3."""
-    precision: Literal["float32"] = "float32"
+    device: str = "auto"
+    """Where every phase and scoring run: ``auto`` (``cuda`` when torch sees a GPU, else ``cpu``), ``cpu``,
+    ``cuda`` or ``cuda:<index>``. A Ray Train worker uses the device Ray gave it
+    (``ray.train.torch.get_device()``, a GPU with ``platform.expert_resources.use_gpu``) unless this is
+    ``cpu``."""
+    precision: Literal["float32", "bfloat16"] = "float32"
     """One precision for every phase's training, its cached features (trunk and expert states are stored
     in it) and scoring, on every executor: a model is never trained on rounded features and scored on
-    exact ones."""
+    exact ones. ``bfloat16``: CUDA bf16 autocast over the backbone's blocks, float32 weights, features
+    rounded to and cached in bf16 (``dmoerm.device``); refused on CPU."""
+    gradient_checkpointing: bool = False
+    """Recompute the trainable top blocks' activations in the backward pass instead of keeping them (less
+    memory, about one more forward per step); worth it when ``top_layers`` is large."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """The capability experts' LoRA settings."""
 
     def __post_init__(self) -> None:
+        from dmoerm.device import check_device_name
+
+        check_device_name(self.device)
         if self.trunk_cache_budget_gb < 0:
             raise ValueError(f"model.trunk_cache_budget_gb must be >= 0, got {self.trunk_cache_budget_gb}")
         if self.trunk_shard_mb <= 0:
             raise ValueError(f"model.trunk_shard_mb must be > 0, got {self.trunk_shard_mb}")
+        if self.device == "cpu" and self.precision == "bfloat16":
+            raise ValueError("model.precision=bfloat16 needs CUDA (bf16 autocast on the GPU) but model.device is "
+                             "cpu; use model.precision=float32 on CPU")
 
 
 @dataclass

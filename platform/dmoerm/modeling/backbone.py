@@ -16,6 +16,10 @@ Batches are always right-padded, whatever the tokenizer's ``padding_side``: deco
 number positions from the first column when no position ids are given, so left padding would shift
 every real token's position; with right padding a row's states equal those of the row alone, and
 ``last`` pooling reads each row's last real token from its mask (either side).
+
+The backbone carries the run's device policy (``dmoerm.device``): the model, every padded batch and every
+state it hands out live on ``device`` (CPU by default), its forwards run in ``precision``, and the tops
+built on it (``TopStack``) follow both.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 from torch import nn
 
 from dmoerm.data.records import Turn
+from dmoerm.device import Precision, autocast, check_precision, resolve_device, round_features, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +182,9 @@ class Backbone(nn.Module):
     """A frozen pretrained model that exposes ``trunk`` and ``layer_inputs`` for a split at ``split``."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, top_layers: int, pooling: Pooling = "auto",
-                 max_length: int = 512, reference: str = "", revision: str | None = None) -> None:
+                 max_length: int = 512, reference: str = "", revision: str | None = None,
+                 device: str | torch.device = "cpu", precision: Precision = "float32",
+                 gradient_checkpointing: bool = False) -> None:
         super().__init__()
         self.model, self.tokenizer = model, tokenizer
         self.layers_name, layers = find_layers(model)
@@ -197,8 +204,15 @@ class Backbone(nn.Module):
             tokenizer.pad_token = tokenizer.eos_token
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         """Filler id of padded positions (masked out): the pad token, else eos, else 0."""
+        self.device = resolve_device(device)
+        """Where the model, every padded batch and every state it hands out live (``dmoerm.device``)."""
+        check_precision(self.device, precision)
+        self.precision: Precision = precision
+        self.gradient_checkpointing = gradient_checkpointing
+        """Whether the trainable tops built on this backbone (``TopStack``) checkpoint their blocks."""
         model.eval()
         model.requires_grad_(False)
+        model.to(self.device)
 
     # ---- tokenization -------------------------------------------------------------------------
     def special_ids(self) -> tuple[list[int], list[int], list[int]]:
@@ -252,7 +266,7 @@ class Backbone(nn.Module):
         return rows
 
     def pad(self, rows: Sequence[TokenRow]) -> Encoded:
-        """Right-pad tokenized rows into one batch."""
+        """Right-pad tokenized rows into one batch, on the backbone's device."""
         width = max(len(r.ids) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)  # (N, T)
         mask = torch.zeros((len(rows), width), dtype=torch.long)  # (N, T)
@@ -263,7 +277,8 @@ class Backbone(nn.Module):
         def counts(name: str) -> torch.Tensor:
             return torch.tensor([getattr(r, name) for r in rows], dtype=torch.long)  # (N,)
 
-        return Encoded(ids, mask, counts("context_end"), counts("context_dropped"), counts("response_dropped"))
+        enc = Encoded(ids, mask, counts("context_end"), counts("context_dropped"), counts("response_dropped"))
+        return to_device(enc, self.device)
 
     def encode(self, contexts: Sequence[Sequence[Turn]], responses: Sequence[str | None]) -> Encoded:
         """``tokenize`` then ``pad``: one padded batch of (context, response) rows."""
@@ -292,7 +307,8 @@ class Backbone(nn.Module):
                    for d in sorted(set(record)) if d != layer_index]
         handles.append(self.layers[layer_index].register_forward_pre_hook(stop, with_kwargs=True))
         try:
-            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            with autocast(self.device, self.precision):
+                self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         except _StopForward:
             pass
         finally:
@@ -304,12 +320,13 @@ class Backbone(nn.Module):
     @torch.no_grad()
     def block_inputs(self, enc: Encoded, depths: Sequence[int]) -> list[torch.Tensor]:
         """The (N, T, H) hidden states entering block ``d`` (0 = the embeddings' output) for each ``d`` in
-        ``depths``, from ONE forward that stops at the deepest."""
+        ``depths``, from ONE forward that stops at the deepest; rounded to the precision (``round_features``),
+        in float32, on the backbone's device."""
         for d in depths:
             if not 0 <= d < self.num_layers:
                 raise ValueError(f"block index {d} is outside [0, {self.num_layers - 1}]")
         _, _, states = self._capture(max(depths), enc.input_ids, enc.attention_mask, record=depths)
-        return [states[d] for d in depths]
+        return [round_features(states[d], self.precision) for d in depths]
 
     @torch.no_grad()
     def trunk(self, enc: Encoded) -> torch.Tensor:
@@ -365,23 +382,29 @@ class Backbone(nn.Module):
     @torch.no_grad()
     def full_forward(self, enc: Encoded) -> torch.Tensor:
         """(N, T, H) last hidden states of the unsplit model, for tests and baselines."""
-        out = self.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, use_cache=False)
-        return out.last_hidden_state
+        with autocast(self.device, self.precision):
+            out = self.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, use_cache=False)
+        return round_features(out.last_hidden_state, self.precision)
 
     def fingerprint(self) -> str:
         """sha256 over the frozen weights: a bundle refuses to load on a different base."""
         h = hashlib.sha256()
         for name, t in sorted(self.model.state_dict().items()):
             h.update(name.encode())
-            h.update(t.detach().float().flatten()[:64].numpy().tobytes())
+            h.update(t.detach().flatten()[:64].float().cpu().numpy().tobytes())
             h.update(str(tuple(t.shape)).encode())
         return h.hexdigest()
 
 
 def load_backbone(name_or_path: str, *, top_layers: int, pooling: Pooling = "auto", max_length: int = 512,
                   revision: str | None = None, trust_remote_code: bool = False,
-                  dtype: torch.dtype = torch.float32, tokenizer_path: str | None = None) -> Backbone:
-    """Load any HF backbone (a local path, a hub id resolved offline, or ``"minilm"``)."""
+                  dtype: torch.dtype = torch.float32, tokenizer_path: str | None = None,
+                  device: str | torch.device = "cpu", precision: Precision = "float32",
+                  gradient_checkpointing: bool = False) -> Backbone:
+    """Load any HF backbone (a local path, a hub id resolved offline, or ``"minilm"``) onto ``device``
+    (``auto``: cuda when present), computing in ``precision`` (``dmoerm.device``)."""
+    device = resolve_device(device)
+    check_precision(device, precision)  # before the weights are read
     from transformers import AutoModel, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
@@ -392,7 +415,8 @@ def load_backbone(name_or_path: str, *, top_layers: int, pooling: Pooling = "aut
     model = AutoModel.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code,
                                       dtype=dtype)
     return Backbone(model, tokenizer, top_layers=top_layers, pooling=pooling, max_length=max_length,
-                    reference=name_or_path, revision=revision)
+                    reference=name_or_path, revision=revision, device=device, precision=precision,
+                    gradient_checkpointing=gradient_checkpointing)
 
 
 def build_backbone(model: nn.Module, tokenizer: Any, **kwargs: Any) -> Backbone:

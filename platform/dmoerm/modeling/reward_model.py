@@ -6,6 +6,10 @@ once per row, and within a batch each category present runs all its K experts in
 forward (one adapter per row) followed by its aggregator. Routing runs once per distinct context: from a
 context pass before the batches, or, for a decoder routed from row prefixes, inside the batch's own
 trunk pass.
+
+Everything runs on the backbone's device (``dmoerm.device``): the router, the experts and the aggregators
+are moved there when the model is built, each batch is padded there, and the blocks compute in the
+backbone's precision; what comes back (scores, probabilities) is host data.
 """
 
 from __future__ import annotations
@@ -87,18 +91,19 @@ def _token_batches(backbone: Backbone, contexts: Sequence[Sequence[Turn]], respo
 class RewardModel:
     """DMoERM: ``router`` picks a category per context; that category's experts and aggregator score.
 
-    ``max_batch_tokens`` caps a batch's padded tokens (rows x longest row) on top of ``batch_size``."""
+    ``max_batch_tokens`` caps a batch's padded tokens (rows x longest row) on top of ``batch_size``. The
+    router and the categories' modules are moved to the backbone's device."""
 
     def __init__(self, backbone: Backbone, router: RouterHead, categories: dict[str, CategoryModel],
                  batch_size: int = 32, max_batch_tokens: int | None = None) -> None:
         if list(categories) != router.categories:
             raise ValueError(f"router categories {router.categories} != inner models {list(categories)}")
-        self.backbone, self.router, self.categories = backbone, router.eval(), categories
+        self.backbone, self.router, self.categories = backbone, router.eval().to(backbone.device), categories
         self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
         self.router_inputs = router.inputs.resolve(backbone)  # (raises on settings this backbone cannot use)
         for cat in categories.values():
-            cat.experts.eval()
-            cat.aggregator.eval()
+            cat.experts.eval().to(backbone.device)
+            cat.aggregator.eval().to(backbone.device)
 
     def _classify(self, feats: torch.Tensor) -> tuple[list[str], list[float], torch.Tensor]:
         probs = self.router(feats).softmax(-1)  # (N, C)
@@ -116,8 +121,8 @@ class RewardModel:
         index = [position[k] for k in keys]
         feats = context_features(self.backbone, list(distinct.values()), self.router_inputs,
                                  batch_size=self.batch_size, max_batch_tokens=self.max_batch_tokens)  # (U, H)
-        names, probs, full = self._classify(feats)
-        return [names[i] for i in index], [probs[i] for i in index], full[index]
+        names, probs, full = self._classify(feats.to(self.backbone.device))
+        return [names[i] for i in index], [probs[i] for i in index], full[index].cpu()
 
     @torch.no_grad()
     def score(self, contexts: Sequence[Sequence[Turn]], responses: Sequence[str],
@@ -212,7 +217,7 @@ class SingleRewardModel:
 
     def __init__(self, backbone: Backbone, top: TopStack, batch_size: int = 32,
                  max_batch_tokens: int | None = None) -> None:
-        self.backbone, self.top, self.batch_size = backbone, top.eval(), batch_size
+        self.backbone, self.top, self.batch_size = backbone, top.eval().to(backbone.device), batch_size
         self.max_batch_tokens = max_batch_tokens
 
     @torch.no_grad()

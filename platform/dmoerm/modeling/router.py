@@ -81,8 +81,8 @@ class RouterHead(nn.Module):
             self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_size, len(categories)))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, H) pooled context features -> (B, C) logits."""
-        return self.net(features)
+        """(B, H) pooled context features (moved to the head's device) -> (B, C) float32 logits."""
+        return self.net(features.to(self.net[-1].weight.device, torch.float32))
 
 
 def prefix_mean(states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -99,7 +99,8 @@ def context_features(backbone: Backbone, contexts: Sequence[Sequence[Turn]], inp
 
     (N,) contexts -> (N, H): the states entering block ``inputs.layers`` over head + the last
     ``max_context_tokens`` context tokens (+ the tail token, except for ``prefix`` routing, whose
-    features must match the context's positions inside a scored row), mean-pooled.
+    features must match the context's positions inside a scored row), mean-pooled. Computed on the
+    backbone's device, returned on the CPU in float32 (features are data; the head moves them).
     """
     inputs = (inputs or RouterInput()).resolve(backbone)
     rows = backbone.tokenize(contexts, [None] * len(contexts), max_context_tokens=inputs.max_context_tokens,
@@ -109,7 +110,7 @@ def context_features(backbone: Backbone, contexts: Sequence[Sequence[Turn]], inp
     for idx in length_batches([len(r.ids) for r in rows], batch_size, max_batch_tokens):
         enc = backbone.pad([rows[i] for i in idx])
         states = backbone.block_inputs(enc, [inputs.depth(backbone)])[0]  # (B, T, H)
-        out[idx] = prefix_mean(states, enc.attention_mask.sum(1))  # (B, H)
+        out[idx] = prefix_mean(states, enc.attention_mask.sum(1)).cpu()  # (B, H)
         bar.update(len(idx))
     bar.close()
     return out

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from dmoerm.device import autocast, module_device, round_features
 from dmoerm.modeling.backbone import Backbone, pool
 from dmoerm.names import safe_name
 
@@ -42,7 +43,11 @@ class LoraConfig:
 
 
 class TopStack(nn.Module):
-    """Top blocks + final norm + pooling + value head: trunk hidden states in, (pooled, score) out."""
+    """Top blocks + final norm + pooling + value head: trunk hidden states in, (pooled, score) out.
+
+    Built on the backbone's device; its forward runs in the backbone's precision (bf16 autocast on CUDA
+    for ``bfloat16``) and, in training with ``gradient_checkpointing``, recomputes each block's
+    activations in the backward pass."""
 
     def __init__(self, backbone: Backbone) -> None:
         super().__init__()
@@ -53,18 +58,29 @@ class TopStack(nn.Module):
         self.value_head = nn.Linear(backbone.hidden_size, 1)
         nn.init.normal_(self.value_head.weight, std=1.0 / (backbone.hidden_size + 1))
         nn.init.zeros_(self.value_head.bias)
+        self.precision = backbone.precision
+        self.gradient_checkpointing = backbone.gradient_checkpointing
         self.requires_grad_(True)
+        self.to(backbone.device)
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, layer_args: tuple = (),
                 layer_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, T, H) trunk states -> pooled (N, H) last hidden states and scores (N,)."""
+        """(N, T, H) trunk states -> pooled (N, H) last hidden states and float32 scores (N,)."""
         layer_kwargs = layer_kwargs or {}
-        for block in self.blocks:
-            out = block(hidden, *layer_args, **layer_kwargs)
-            hidden = out[0] if isinstance(out, tuple) else out  # (N, T, H)
-        hidden = self.norm(hidden)
-        pooled = pool(hidden, attention_mask, self.pooling)  # (N, H)
-        return pooled, self.value_head(pooled).squeeze(-1)
+        checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        with autocast(hidden.device, self.precision):
+            for block in self.blocks:
+                if checkpoint:
+                    from torch.utils.checkpoint import checkpoint as recompute
+
+                    out = recompute(block, hidden, *layer_args, use_reentrant=False, **layer_kwargs)
+                else:
+                    out = block(hidden, *layer_args, **layer_kwargs)
+                hidden = out[0] if isinstance(out, tuple) else out  # (N, T, H)
+            hidden = self.norm(hidden)
+            pooled = pool(hidden, attention_mask, self.pooling)  # (N, H)
+            scores = self.value_head(pooled).squeeze(-1)  # (N,)
+        return pooled, scores.float()
 
 
 def default_target_modules(top: nn.Module) -> list[str]:
@@ -98,7 +114,7 @@ def attach_experts(top: TopStack, capabilities: list[str], lora: LoraConfig) -> 
     for name in adapters[1:]:
         model.add_adapter(name, cfg)
     model.set_adapter(adapters[0])
-    return model
+    return model.to(module_device(top))  # the adapters on the top's device
 
 
 ADAPTER_CONTAINERS = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
@@ -126,7 +142,8 @@ def run_experts(experts: nn.Module, capabilities: list[str], backbone: Backbone,
                 attention_mask: torch.Tensor) -> ExpertOutput:
     """All K experts on B inputs in ONE batched forward: rows repeated K times, one adapter per row.
 
-    (B, T, H) trunk states -> pooled (B, K, H), scores (B, K).
+    (B, T, H) trunk states -> pooled (B, K, H) rounded to the backbone's precision (``round_features``: what
+    phase 3 caches and what scoring feeds the aggregator), float32 scores (B, K).
     """
     k, b = len(capabilities), hidden.size(0)
     h = hidden.repeat(k, 1, 1)  # (K*B, T, H): row k*B + i is expert k on input i
@@ -134,5 +151,5 @@ def run_experts(experts: nn.Module, capabilities: list[str], backbone: Backbone,
     args, kwargs = backbone.layer_inputs(attention_mask, repeat=k)  # built for B rows, repeated to K*B
     names = [adapter_name(c) for c in capabilities for _ in range(b)]
     pooled, scores = experts(h, m, args, kwargs, adapter_names=names)  # (K*B, H), (K*B,)
-    pooled = pooled.view(k, b, -1).transpose(0, 1)  # (B, K, H)
+    pooled = round_features(pooled, backbone.precision).view(k, b, -1).transpose(0, 1)  # (B, K, H)
     return ExpertOutput(pooled=pooled, scores=scores.view(k, b).T, capabilities=list(capabilities))

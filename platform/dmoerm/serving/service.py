@@ -95,8 +95,10 @@ class ServedModel:
 
     @classmethod
     def load(cls, uri: str, tracking_uri: str | None = None, version: str | None = None, base: str | None = None,
-             batch_size: int = 32, resident: int | None = None) -> ServedModel:
-        """Resolve and load ``uri``; ``resident`` loads only the first that many categories' experts (None: all)."""
+             batch_size: int = 32, resident: int | None = None, device: str = "auto") -> ServedModel:
+        """Resolve and load ``uri``; ``resident`` loads only the first that many categories' experts (None: all).
+        ``device``: where it scores (``auto``: the replica's GPU when it has one, else cpu), in the precision
+        the bundle was trained in; the categories added by ``with_category`` share its base there."""
         from dmoerm.bundle import load_bundle, read_meta
         from dmoerm.serving.source import resolve_model
 
@@ -104,7 +106,7 @@ class ServedModel:
         categories = None
         if resident is not None:
             categories = [c["name"] for c in read_meta(ref.path)["taxonomy"]][:resident]
-        loaded = load_bundle(ref.path, base=base, batch_size=batch_size, categories=categories)
+        loaded = load_bundle(ref.path, base=base, batch_size=batch_size, categories=categories, device=device)
         return cls(ref.name, ref.version, uri, loaded, ref.path)
 
     def with_category(self, category: str) -> ServedModel:

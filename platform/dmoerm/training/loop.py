@@ -6,6 +6,11 @@ accuracy (the best state is restored), seeded, resumable from a state dict at ep
 (``_optimizer``), one optimiser step (``_train_step``), early stopping on the best state (``_Selection``)
 and the epoch checkpoint; what a caller plugs in (metrics, checkpoints, resume, data-parallel shard,
 progress bar) is one ``FitHooks``.
+
+Device: the module trains on ``device`` (default: where its parameters are); the reward function returns
+rewards there (it moves its batch: ``dmoerm.device.to_device``) and the loss's pair indices follow them.
+Precision is the module's own business (``TopStack`` autocasts its blocks), so this loop needs no
+gradient scaler (bf16 has float32's range).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dmoerm.device import module_device
 from dmoerm.losses import pair_correct, pairwise_loss
 
 logger = logging.getLogger(__name__)
@@ -144,7 +150,8 @@ def evaluate_groups(module: nn.Module, reward_fn: RewardFn, groups: Sequence[Gro
         rows, pairs, owner = _flatten(groups, chosen)
         if pairs.numel() == 0:
             continue
-        rewards = reward_fn(rows)
+        rewards = reward_fn(rows).float()
+        pairs = pairs.to(rewards.device)
         correct += int(pair_correct(rewards, pairs).sum())
         total += pairs.size(0)
         loss_sum += float(pairwise_loss(rewards, pairs)) * pairs.size(0)
@@ -187,7 +194,8 @@ def _train_step(reward_fn: RewardFn, params: list[nn.Parameter], groups: Sequenc
                 opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR, grad_clip: float) -> float:
     """One optimiser step on the batch ``chosen``; returns its loss."""
     rows, pairs, owner = _flatten(groups, chosen)
-    loss = pairwise_loss(reward_fn(rows), pairs, owner)
+    rewards = reward_fn(rows).float()  # (N,) on the module's device
+    loss = pairwise_loss(rewards, pairs.to(rewards.device), owner.to(rewards.device))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip > 0:
@@ -239,10 +247,13 @@ def _kill_if_injected(desc: str, step: int, rank: int, resumed: bool) -> None:
 
 def fit_pairwise(module: nn.Module, params: list[nn.Parameter], reward_fn: RewardFn,
                  train: Sequence[Group], val: Sequence[Group], lengths: Sequence[int],
-                 settings: TrainConfig, *, seed: int = 0, desc: str = "train", hooks: FitHooks | None = None
-                 ) -> FitResult:
-    """Train ``params`` of ``module`` with the pairwise loss; keep the state with the best val accuracy."""
+                 settings: TrainConfig, *, seed: int = 0, desc: str = "train", hooks: FitHooks | None = None,
+                 device: torch.device | str | None = None) -> FitResult:
+    """Train ``params`` of ``module`` with the pairwise loss; keep the state with the best val accuracy.
+    ``device``: where ``module`` is moved to train (None: where its parameters already are)."""
     hooks = hooks or FitHooks()
+    device = torch.device(device) if device is not None else module_device(module)
+    module.to(device)  # in place: ``params`` stay the module's parameters
     rank, world = hooks.shard
     train = [g for g in train if g.pairs]
     if not train:
