@@ -116,7 +116,7 @@ def bench_endpoint(bundle: str, contexts, responses, concurrency: list[int], thr
     rows = [([{"role": t.role, "content": t.content} for t in c], r) for c, r in zip(contexts, responses)]
     torch.set_num_threads(threads)
     model = load_bundle(bundle).model
-    ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+    ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}})
     port = 8000 + os.getpid() % 1000
     fixed = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}

@@ -113,7 +113,7 @@ def _init_ray(address: str | None) -> None:
         ray.init(address=address, runtime_env={"env_vars": env} if env else None)
     else:
         path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-        ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}},
+        ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}},
                  logging_level=logging.WARNING)
 
 

@@ -181,8 +181,9 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
         ray.init(address=address, runtime_env={"env_vars": env} if env else None)
     else:
         path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}},
-                 logging_level=logging.WARNING)
+        # address="local": always a fresh instance, never a cluster someone started with `ray start`
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": path}}, logging_level=logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         out(f"\nserving {model} (Ray Serve: ingress, router, adapter pool); log (Serve's and its replicas'): {log}")
         t0 = time.time()
         env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-        ray.init(include_dashboard=False, runtime_env={"env_vars": env}, logging_level=logging.WARNING)
+        ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": env}, logging_level=logging.WARNING)
         try:
             deploy(load_serve_config(args={"model": model, "tracking_uri": tracking}, http={"port": args.port}))
             url = f"http://127.0.0.1:{args.port}"

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(address=args.address, logging_level=logging.WARNING, log_to_driver=False)
     else:
         env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
                  logging_level=logging.WARNING, log_to_driver=False)
     try:
         deploy(cfg)

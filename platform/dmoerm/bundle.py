@@ -38,9 +38,9 @@ BUNDLE_FORMAT = 1
 
 
 def save_tensors(tensors: dict, path: Path) -> None:
-    """Detached, contiguous copies to one safetensors file (parent folders created)."""
+    """Detached, contiguous CPU copies to one safetensors file (parent folders created)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(path))
+    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(path))
 
 
 @dataclass

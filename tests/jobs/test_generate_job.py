@@ -21,7 +21,7 @@ PROMPTS = [f"question {i}: " + "tell me more " * (i % 4) for i in range(6)] + [
 def local_ray():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     try:
         yield

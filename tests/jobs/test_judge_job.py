@@ -44,7 +44,7 @@ def local_ray(s3_server, tmp_path_factory):
     mirror = tmp_path_factory.mktemp("node-local")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DMOERM_LOCAL_CACHE", str(mirror))
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
         try:
             yield mirror

@@ -92,7 +92,7 @@ def server(tmp_path_factory, tiny_bert_dir, mlflow_server):  # noqa: F811
     set_champion(uri, version)
     os.environ["DMOERM_SERVE_TOKEN"] = TOKEN
     metrics_port, http_port = free_port(), free_port()
-    ray.init(num_cpus=8, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+    ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}}, _metrics_export_port=metrics_port)
     cfg = load_serve_config(
         args={"model": f"models:/{MODEL}@champion", "tracking_uri": uri, "require_auth": True,

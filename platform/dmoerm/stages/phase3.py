@@ -16,7 +16,7 @@ from dmoerm.bundle import save_tensors
 from dmoerm.config import PipelineConfig
 from dmoerm.configtools import to_dict
 from dmoerm.modeling.aggregator import Aggregator, AggregatorConfig
-from dmoerm.stages.base import backbone_for
+from dmoerm.stages.base import backbone_for, device_for
 from dmoerm.stages.data import splits_of
 from dmoerm.stages.search import trial_settings
 from dmoerm.stages.store import StageStore
@@ -71,7 +71,7 @@ def aggregator_step(cfg: PipelineConfig, store: StageStore, features_key: str, s
     if store.done("aggregator", key) is None:
         feats, groups = load_features(store, features_key)
         agg, result = train_aggregator(feats, groups["phase3"], groups["val"], spec, settings, seed=cfg.seed,
-                                       hooks=FitHooks(progress=False))
+                                       hooks=FitHooks(progress=False), device=device_for(cfg))
         save_tensors(agg.state_dict(), store.local("aggregator", key) / "aggregator.safetensors")
         store.put_json("aggregator", key, "spec.json", to_dict(spec))
         store.mark_done("aggregator", key, {"val_accuracy": result.best_val_accuracy, "steps": result.steps})

@@ -14,7 +14,7 @@ from dmoerm.data.records import Sample
 from dmoerm.data.splits import SPLITS
 from dmoerm.modeling.backbone import Backbone
 from dmoerm.modeling.router import RouterHead, context_features
-from dmoerm.stages.base import backbone_for, model_id
+from dmoerm.stages.base import backbone_for, device_for, model_id
 from dmoerm.stages.data import splits_of
 from dmoerm.stages.store import StageStore
 from dmoerm.training.loop import MetricFn
@@ -40,7 +40,7 @@ def train_router_on(backbone: Backbone, splits: dict[str, list[Sample]], cfg: Pi
     if len(y) == 0 and len(names) > 1:
         raise ValueError("no sample has a known category: give at least one data source a `category`")
     return train_router(x, y, vx, vy, names, cfg.router.train, width=cfg.router.width, seed=cfg.seed,
-                        log_metric=log_metric, inputs=inputs)
+                        log_metric=log_metric, inputs=inputs, device=device_for(cfg))
 
 
 @torch.no_grad()

@@ -123,7 +123,10 @@ def train_trial(cfg: PipelineConfig, target: SearchTarget, data: Any, config: di
 
         feats, groups = data
         spec, settings = trial_settings(config, cfg.phase3, cfg.platform.tune.max_epochs)
-        train_aggregator(feats, groups["phase3"], groups["val"], spec, settings, seed=cfg.seed, hooks=hooks)
+        from dmoerm.stages.base import device_for
+
+        train_aggregator(feats, groups["phase3"], groups["val"], spec, settings, seed=cfg.seed, hooks=hooks,
+                         device=device_for(cfg))
         return
     from dmoerm.stages.base import backbone_for
     from dmoerm.training.phases import train_top
