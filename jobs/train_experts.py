@@ -33,7 +33,8 @@ from dmoerm.storage import join_uri
 from dmoerm.training.loop import FitHooks
 
 EXPERT_FILE = "expert.json"
-"""In a group's Ray Train checkpoint: the stage key of the expert whose training state it holds."""
+"""In a group's Ray Train checkpoint: the stage key of the expert whose training state it holds, and where
+it was written (``_placement``)."""
 
 
 def _placement(group: str) -> dict:
@@ -77,7 +78,7 @@ def _train_loop(config: dict) -> None:
             with tempfile.TemporaryDirectory() as d:
                 if rank == 0:
                     save_state(d, state)
-                    (Path(d) / EXPERT_FILE).write_text(json.dumps({"key": key}))
+                    (Path(d) / EXPERT_FILE).write_text(json.dumps({"key": key, **_placement(config["group"])}))
                 ray.train.report({"expert": key, "epoch": state["epoch"], "step": state["step"]},
                                  checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)
 
