@@ -3,11 +3,11 @@ with a Ray executor, then registration and promotion.
 
     python -m jobs.run_pipeline --config configs/demo.yaml [dotted.key=value ...]
 
-Stages run as Ray tasks (phase 1 of every category and the baseline concurrently), every capability expert
-as its own Ray Train ``TorchTrainer`` (all concurrently), the searches (the baseline's and every
-aggregator's) with Ray Tune. Every stage is idempotent: a re-run skips what is finished. The driver is the
-only MLflow writer (the parent run, a child run per stage and per expert, Tune trials under their search's
-run).
+Stages run as Ray tasks (phase 1 of every category and the baseline concurrently), the capability experts
+in worker groups (``jobs.train_experts``: a Ray Train ``TorchTrainer`` per large expert, the small ones packed
+into plain tasks, all concurrently), the searches (the baseline's and every aggregator's) with Ray Tune.
+Every stage is idempotent: a re-run skips what is finished. The driver is the only MLflow writer (the parent
+run, a child run per stage and per expert, Tune trials under their search's run).
 """
 
 from __future__ import annotations

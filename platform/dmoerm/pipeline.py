@@ -12,8 +12,9 @@ Every stage is an idempotent function ``step(cfg, store, *input_keys) -> key`` o
 its outputs live in the ``StageStore`` under its key, so a finished stage is skipped and a later stage
 reads what it needs from the store, wherever it runs. An executor decides only where and how each runs:
 ``LocalExecutor`` runs them one after the other in this process (``dmoerm train``); the Ray job's
-executor (``jobs/run_pipeline.py``) runs them as Ray tasks, the experts as Ray Train ``TorchTrainer``s and
-the search with Ray Tune. Same config and seed, same stage keys, same bundle (with the search disabled:
+executor (``jobs/run_pipeline.py``) runs them as Ray tasks, the experts in worker groups
+(``stages.expert_groups``: each expert trained exactly as alone, so grouping changes no result) and the
+search with Ray Tune. Same config and seed, same stage keys, same bundle (with the search disabled:
 the two searches are different algorithms over the same space and budget, see ``stages.phase3``).
 """
 
