@@ -16,11 +16,11 @@ LAYERS = [  # bottom first; a module may import from its own layer and the layer
      "redact", "device"},
     {"data"},
     {"modeling"},
-    {"training", "labeling", "promotion", "evaluation", "generation"},
-    {"bundle", "config"},
+    {"training", "labeling", "promotion", "evaluation", "generation", "uncertainty"},
+    {"bundle", "config", "ensemble"},
     {"stages", "tracking", "mlflow_model", "mlflow_entry"},
     {"registry", "pipeline", "submit"},
-    {"serving", "client", "cli"},
+    {"serving", "client", "cli", "studies"},
 ]
 RANK = {part: i for i, layer in enumerate(LAYERS) for part in layer}
 MODULES = sorted(p for p in PACKAGE.rglob("*.py"))

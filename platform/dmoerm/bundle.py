@@ -8,6 +8,10 @@
     categories/<dir>/experts.safetensors      top blocks + every LoRA adapter + every expert's value head
     categories/<dir>/aggregator.safetensors   (<dir>: the category's ``safe_name``, recorded as its ``dir``)
     baseline.safetensors         the single-RM baseline's top (optional)
+    ensemble/                    RM ensemble baselines (optional, ``dmoerm.ensemble``: members + ensemble.json)
+
+``bundle.json`` may also hold ``capability_stats`` (``dmoerm.uncertainty``): each category's expert-score
+mean and std on training rows, for the uncertainty-penalised reward.
 
 Weights are safetensors only; metadata is JSON. Never pickle.
 """
@@ -43,6 +47,14 @@ def save_tensors(tensors: dict, path: Path) -> None:
     save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(path))
 
 
+def base_meta(bb: Backbone) -> dict[str, Any]:
+    """The ``base`` entry of a bundle (and of an ensemble, ``dmoerm.ensemble``): what the frozen base is."""
+    return {"reference": bb.reference, "revision": bb.revision, "fingerprint": bb.fingerprint(),
+            "model_type": getattr(bb.model.config, "model_type", ""), "top_layers": bb.top_layers,
+            "pooling": bb.pooling, "max_length": bb.max_length, "hidden_size": bb.hidden_size,
+            "precision": bb.precision}
+
+
 @dataclass
 class LoadedBundle:
     model: RewardModel
@@ -70,10 +82,7 @@ def save_bundle(path: str | Path, model: RewardModel, *, lora: LoraConfig, aggre
     meta = {
         "format": BUNDLE_FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "base": {"reference": bb.reference, "revision": bb.revision, "fingerprint": bb.fingerprint(),
-                 "model_type": getattr(bb.model.config, "model_type", ""), "top_layers": bb.top_layers,
-                 "pooling": bb.pooling, "max_length": bb.max_length, "hidden_size": bb.hidden_size,
-                 "precision": bb.precision},
+        "base": base_meta(bb),
         "taxonomy": [{"name": c.name, "dir": safe_name(c.name), "capabilities": c.capabilities,
                       "aggregator": asdict(c.aggregator.spec)} for c in model.categories.values()],
         "router": router_meta(model.router_inputs, router_width),
