@@ -14,6 +14,7 @@ from typing import Literal
 from dmoerm.configtools import apply_overrides, from_dict, load_yaml
 from dmoerm.data.loaders import SourceConfig
 from dmoerm.data.splits import SplitConfig
+from dmoerm.ensemble import EnsembleConfig
 from dmoerm.labeling.judge import JudgeConfig
 from dmoerm.modeling.aggregator import AggregatorConfig
 from dmoerm.modeling.router import RouterInput
@@ -293,6 +294,9 @@ class PipelineConfig:
     """Aggregator shape."""
     baseline: bool = True
     """Also train and evaluate the single-RM baseline on the same splits."""
+    ensemble: EnsembleConfig = field(default_factory=lambda: EnsembleConfig(members=0))
+    """RM-ensemble baselines (the single RM's recipe with other seeds), evaluated beside DMoERM; default
+    none (``members: 0``)."""
     platform: PlatformConfig = field(default_factory=PlatformConfig)
     """Storage, MLflow, Ray resources, aggregator search, promotion."""
 

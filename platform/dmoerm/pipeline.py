@@ -1,8 +1,8 @@
 """The DMoERM recipe, written once: the stage order as one function over an ``Executor``.
 
     data -> route -> labels -> trunk features -> [baseline search] -> phase 1 per category + the single-RM
-    baseline -> phase 2 (every capability expert) -> per category: expert features -> [aggregator search]
-    -> final aggregator -> evaluate (the bundle and the report)
+    baseline -> [RM-ensemble members] -> phase 2 (every capability expert) -> per category: expert features
+    -> [aggregator search] -> final aggregator -> evaluate (the bundle and the report)
 
 The searches run when ``platform.tune.enabled``, for the baseline and every aggregator alike (one tuning
 budget for both sides of the comparison); the baseline learns from every human-ranked sample DMoERM
@@ -29,6 +29,7 @@ from typing import Any, Protocol
 from dmoerm.config import PipelineConfig
 from dmoerm.progress import StageProgress
 from dmoerm.stages.data import data_step
+from dmoerm.stages.ensemble import train_members
 from dmoerm.stages.evaluate import CategoryKeys, evaluate_step, publish_bundle
 from dmoerm.stages.labels import Labeler, label_step
 from dmoerm.stages.phase3 import aggregator_step, features_step
@@ -77,6 +78,8 @@ def run_pipeline(ex: Executor) -> str:
                       ex.search(SearchTarget.baseline(route, labels, trunk)) if tuned else None))
     tops = dict(zip([c[2] for c in calls],
                     ex.run_many(top_step, calls, [f"phase1/{c[2]}" if c[2] else "baseline" for c in calls])))
+    base_search = calls[-1][4] if cfg.baseline else None  # the baseline's call carries its search key last
+    members = train_members(ex, route, labels, trunk, base_search) if cfg.ensemble.members else []
     inputs = [ExpertInputs(route, labels, trunk, tops[c.name], c.name, cap)
               for c in cfg.taxonomy for cap in c.capabilities]
     experts = dict(zip(((i.category, i.capability) for i in inputs), ex.train_experts(inputs)))
@@ -87,7 +90,7 @@ def run_pipeline(ex: Executor) -> str:
         search = ex.search(SearchTarget.aggregator(feats, c.name)) if tuned else None
         agg = ex.run(aggregator_step, feats, search, name=f"aggregator/{c.name}")
         categories[c.name] = CategoryKeys(tops[c.name], keys, agg)
-    return ex.run(evaluate_step, data, route, labels, categories, tops.get(None), name="evaluate")
+    return ex.run(evaluate_step, data, route, labels, categories, tops.get(None), members, name="evaluate")
 
 
 def stage_outcome(store: StageStore, name: str, key: str, info: dict | None = None) -> tuple[dict, bool]:

@@ -10,15 +10,18 @@ from dataclasses import dataclass
 from dmoerm import storage
 from dmoerm.bundle import save_bundle
 from dmoerm.config import PipelineConfig
+from dmoerm.ensemble import save_ensemble
 from dmoerm.evaluation import evaluate
 from dmoerm.modeling.reward_model import CategoryModel, RewardModel, SingleRewardModel
 from dmoerm.stages.base import backbone_for
 from dmoerm.stages.budget import budget_lines, data_budgets
 from dmoerm.stages.data import splits_of
+from dmoerm.stages.ensemble import compare_extra_models, ensemble_rewards, extra_metrics, load_ensemble_members
 from dmoerm.stages.phase3 import aggregator_spec, load_aggregator
 from dmoerm.stages.route import load_router
 from dmoerm.stages.store import StageStore
 from dmoerm.stages.train import load_experts, load_top
+from dmoerm.uncertainty import META_KEY, capability_stats, stats_to_meta
 
 
 @dataclass
@@ -53,8 +56,14 @@ def tuning_note(cfg: PipelineConfig) -> str:
 
 
 def evaluate_step(cfg: PipelineConfig, store: StageStore, data_key: str, route_key: str, label_key: str,
-                  categories: dict[str, CategoryKeys], baseline_key: str | None) -> str:
-    key = store.key(route=route_key, labels=label_key, categories=categories, baseline=baseline_key)
+                  categories: dict[str, CategoryKeys], baseline_key: str | None,
+                  ensemble_keys: list[str] | None = None) -> str:
+    """``ensemble_keys``: the RM-ensemble members (``stages.ensemble``), evaluated beside DMoERM as one row
+    per combination and saved as ``bundle/ensemble``. The bundle also stores the experts' score statistics
+    on the phase-3 split (training rows), for the uncertainty-penalised reward (``dmoerm.uncertainty``)."""
+    members = list(ensemble_keys or [])
+    key = store.key(route=route_key, labels=label_key, categories=categories, baseline=baseline_key,
+                    **({"ensemble": members} if members else {}))
     if store.done("evaluate", key) is None:
         bb = backbone_for(cfg)
         cats = {}
@@ -68,6 +77,9 @@ def evaluate_step(cfg: PipelineConfig, store: StageStore, data_key: str, route_k
         baseline = SingleRewardModel(bb, base_top, cfg.model.feature_batch_size) if base_top is not None else None
         splits = splits_of(store, "route", route_key)
         report = evaluate(model, splits["test"], baseline)
+        ensemble = load_ensemble_members(cfg, store, members) if members else None
+        extra = compare_extra_models(report, splits["test"], ensemble_rewards(ensemble, splits["test"])
+                                     ) if ensemble is not None else {}
         budgets = {**data_budgets(store, route_key, label_key, baseline is not None), "tuning": tuning_note(cfg)}
         report.notes.extend(budget_lines(budgets, budgets["tuning"]))
         data = {k: v for k, v in (store.done("data", data_key) or {}).items() if k != "run"}
@@ -75,17 +87,23 @@ def evaluate_step(cfg: PipelineConfig, store: StageStore, data_key: str, route_k
         save_bundle(store.local("evaluate", key) / "bundle", model, lora=cfg.model.lora,
                     aggregator=aggregator_spec(store, categories[cfg.taxonomy[0].name].aggregator),
                     router_width=cfg.router.width, baseline=base_top,
-                    metrics={**training_metrics(store, route_key, categories, baseline_key), **report.metrics()},
-                    extra={"name": cfg.name, "data": data, "category_counts": dict(counts)})
+                    metrics={**training_metrics(store, route_key, categories, baseline_key), **report.metrics(),
+                             **extra_metrics(extra)},
+                    extra={"name": cfg.name, "data": data, "category_counts": dict(counts),
+                           META_KEY: stats_to_meta(capability_stats(model, splits["phase3"]))})
+        if ensemble is not None:
+            save_ensemble(store.local("evaluate", key) / "bundle" / "ensemble", ensemble.tops,
+                          {"seeds": ensemble.seeds, "uncertainty_weight": ensemble.uncertainty_weight,
+                           "combinations": list(extra)}, backbone=bb)
         summary = {k: v for k, v in report.to_dict().items() if k != "pairs"}  # pairs: the outcome files below
         store.put_json("evaluate", key, "report.json", {**summary, "table": report.table(),
-                                                        "budgets": budgets})
+                                                        "budgets": budgets, "ensembles": extra})
         store.put_json("evaluate", key, "pair_outcomes.json", {k: list(v) for k, v in report.outcomes.items()})
         store.put_samples("evaluate", key, "test.jsonl", splits["test"])  # a later holder is re-scored on it
         if report.baseline_outcomes is not None:
             store.put_json("evaluate", key, "baseline_pair_outcomes.json",
                            {k: list(v) for k, v in report.baseline_outcomes.items()})
-        store.mark_done("evaluate", key, {"metrics": report.metrics()})
+        store.mark_done("evaluate", key, {"metrics": {**report.metrics(), **extra_metrics(extra)}})
     return key
 
 
