@@ -200,6 +200,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return _repo_module("serve.deploy").main(argv)
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    """A study's Ray job (``dmoerm.studies.STUDIES``) in this process, on a local Ray instance or ``--address``."""
+    from dmoerm.studies import STUDIES
+
+    argv = ["--config", args.config, *args.overrides] + (["--address", args.address] if args.address else [])
+    return _repo_module(STUDIES[args.study].job).main(argv)
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from dmoerm import submit
 
@@ -328,6 +336,16 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--address", help="a running Ray cluster (default: a local Ray instance)")
     sv.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance")
     sv.set_defaults(fn=cmd_serve)
+    from dmoerm.studies import STUDIES
+
+    st = sub.add_parser("study", help="run one of the seed papers' studies as a Ray job and report it to MLflow")
+    studies = st.add_subparsers(dest="study", required=True)
+    for name, study in STUDIES.items():
+        q = studies.add_parser(name, help=study.help)
+        q.add_argument("--config", required=True)
+        q.add_argument("--address", help="a running Ray cluster (default: a local Ray instance)")
+        q.add_argument("overrides", nargs="*", help="dotted.key=value")
+        q.set_defaults(fn=cmd_study)
     for name, fn, helptext in (("status", cmd_status, "a submitted job's status"),
                                ("logs", cmd_logs, "a submitted job's logs")):
         q = sub.add_parser(name, help=helptext)
