@@ -85,3 +85,12 @@ def test_confusion_plot_names_its_axes():
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("routed category", "true category")
     assert ax.get_title() and fig.axes[1].get_ylabel() == "samples"  # the colour bar says what it counts
     assert sorted(t.get_text() for t in ax.texts) == ["110", "117", "5", "8"]
+
+
+def test_perfect_and_zero_accuracies_plot_without_negative_error_bars():
+    """A category every pair of which is right (or wrong): the Wilson bound equals the accuracy only up to
+    float rounding, which must not become a negative error bar (matplotlib refuses those)."""
+    import matplotlib.pyplot as plt
+
+    for n in range(1, 200):
+        plt.close(plot_accuracy({"a": {"accuracy": 1.0, "pairs": n}, "overall": {"accuracy": 0.0, "pairs": n}}, None))

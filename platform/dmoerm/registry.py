@@ -266,7 +266,11 @@ def register_evaluation(client: MlflowClient, tracking_uri: str, run_id: str, na
                               metrics={k: v for k, v in report["metrics"].items() if v == v},
                               tags={"dmoerm.evaluation_key": evaluation}, pair_outcomes=outcomes)
     holder = get_alias(client, name, platform.alias)
-    if holder is None:
+    if holder is None and not store.path("evaluate", evaluation, "baseline_pair_outcomes.json").exists():
+        decision = Decision(False, f"Refused: no '{platform.alias}' holder yet and no single-RM baseline to beat "
+                            "(baseline: false); promote it yourself with `dmoerm promote --force` if you trust it",
+                            float("nan"), float("nan"), float("nan"))
+    elif holder is None:
         raw = store.get_json("evaluate", evaluation, "baseline_pair_outcomes.json")
         decision = decide(outcomes, {k: PairOutcome(*v) for k, v in raw.items()}, platform.promotion)
     else:

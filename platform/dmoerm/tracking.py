@@ -254,7 +254,9 @@ def plot_accuracy(dmoerm: dict, baseline: dict | None):
         xs = [x - 0.4 + width * (m + 0.5) for x in range(len(cats))]
         acc = [results.get(c, {}).get("accuracy", float("nan")) for c in cats]
         bounds = [wilson_interval(a, int(results.get(c, {}).get("pairs", 0))) for a, c in zip(acc, cats)]
-        yerr = [[a - lo for a, (lo, _) in zip(acc, bounds)], [hi - a for a, (_, hi) in zip(acc, bounds)]]
+        # clipped at 0: at an accuracy of exactly 0 or 1 the bound equals it up to float rounding
+        yerr = [[max(0.0, a - lo) for a, (lo, _) in zip(acc, bounds)],
+                [max(0.0, hi - a) for a, (_, hi) in zip(acc, bounds)]]
         handles.append(ax.bar(xs, acc, width=width, color=color, label=label))
         ax.errorbar(xs, acc, yerr=yerr, fmt="none", ecolor="black", capsize=3, linewidth=1)
     handles.append(ax.axhline(CHANCE, color="red", linestyle="--", linewidth=1, label="chance (0.5)"))

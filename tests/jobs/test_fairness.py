@@ -148,3 +148,20 @@ def _only(store, stage: str) -> str:
 def run_test_and_val(store, cfg) -> list:
     splits = splits_of(store, "route", _only(store, "route"))
     return splits["test"] + splits["val"]
+
+
+def test_a_first_model_without_a_baseline_is_refused_with_a_reason(tmp_path_factory, tiny_bert_dir, mlflow_server):
+    from mlflow import MlflowClient
+
+    from dmoerm import registry
+
+    cfg = _config(tmp_path_factory.mktemp("no-baseline"), tiny_bert_dir, "baseline=false",
+                  "platform.tune.enabled=false")
+    run = train_locally(cfg)
+    client = MlflowClient(mlflow_server.tracking_uri)
+    run_id = client.create_run(client.create_experiment("no-baseline")).info.run_id
+    version, decision = registry.register_evaluation(client, mlflow_server.tracking_uri, run_id, "no-baseline",
+                                                     cfg.platform, open_store(cfg), run.evaluation)
+    assert version == "1" and not decision["promote"]
+    assert "no single-RM baseline" in decision["reason"]
+    assert client.get_model_version("no-baseline", "1").tags["dmoerm.promotion.decision"] == "refused"
