@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import tempfile
 import time
 from collections.abc import Iterator
@@ -102,6 +103,7 @@ def _expert_info(store: StageStore, key: str, seconds: float) -> dict:
 @ray.remote(num_returns="streaming")
 def _train_group_task(cfg: PipelineConfig, store: StageStore, group: ExpertGroup) -> Iterator[dict]:
     """A small group in one plain Ray task (its resources are set by ``launch_expert_groups``)."""
+    logging.basicConfig(level=logging.INFO)  # its stage lines reach the job's log, like every stage task's
     torch.set_num_threads(max(1, int(cfg.platform.expert_resources.cpus_per_worker)))
     placement, last = _placement(group.name), time.time()
     for inputs, key in group.experts:
