@@ -27,7 +27,6 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import ray
 
@@ -41,8 +40,8 @@ from dmoerm.generation import (
     read_prompts,
     write_candidates,
 )
+from jobs.connect_ray import init_ray
 
-REPO = Path(__file__).resolve().parents[1]
 logger = logging.getLogger(__name__)
 
 
@@ -99,24 +98,6 @@ def generate_candidates_ray(prompts: Sequence[Prompt], cfg: GenerationConfig, *,
     return out  # type: ignore[return-value]
 
 
-def _init_ray(address: str | None) -> None:
-    """Join the submitted job's cluster, or ``address`` (non-secret environment forwarded, as
-    ``jobs/run_pipeline.py`` does), or start a local instance whose workers import ``jobs`` from here."""
-    if ray.is_initialized():
-        return
-    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
-        ray.init(address=address or "auto")
-    elif address:
-        from dmoerm.submit import forwarded_env
-
-        env = forwarded_env()
-        ray.init(address=address, runtime_env={"env_vars": env} if env else None)
-    else:
-        path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-        ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}},
-                 logging_level=logging.WARNING)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prompts", required=True, help="JSON lines of prompts (local or s3://)")
@@ -138,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"generate_candidates: error: {e}", file=sys.stderr)
         return 2
-    _init_ray(args.address)
+    init_ray(args.address)
     t0 = time.monotonic()
     candidates = generate_candidates_ray(prompts, cfg, num_workers=args.num_workers,
                                          gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker)

@@ -21,7 +21,6 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -36,13 +35,11 @@ from dmoerm.stages.expert_groups import expert_slots, plan_expert_groups
 from dmoerm.stages.search import SearchTarget, search_step
 from dmoerm.stages.store import StageStore
 from dmoerm.stages.train import ExpertInputs, expert_key
-from dmoerm.submit import forwarded_env, withheld_env
 from dmoerm.tracking import Tracker, open_tracker
+from jobs.connect_ray import init_ray
 from jobs.label_judge import RayLabeler
 from jobs.train_experts import each_expert, launch_expert_groups
 from tuning.search_hparams import search_hparams
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @ray.remote(num_cpus=1)
@@ -162,28 +159,6 @@ class RayExecutor:
             raise
         self.progress.finish(target.name, "done" if self.ran[target.name] else "skipped", time.monotonic() - t0)
         return key
-
-
-def init_ray(address: str | None, num_cpus: int | None) -> None:
-    """Join the submitted job's cluster, or ``address``, or start a local Ray instance.
-
-    No secret ever goes into a ``runtime_env`` (Ray shows it in the job info): a local instance's workers
-    inherit this process's environment (secrets included) from the raylet it starts, so only PYTHONPATH
-    is set; a remote cluster gets the non-secret ``forwarded_env`` and its nodes must hold the secrets."""
-    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # a submitted job: its runtime env is set already
-        ray.init(address=address or "auto")
-    elif address:
-        env = forwarded_env()
-        withheld = withheld_env()
-        if withheld:
-            logging.getLogger(__name__).info("not forwarded to the cluster's workers (secrets; set them on its "
-                                             "nodes): %s", ", ".join(withheld))
-        ray.init(address=address, runtime_env={"env_vars": env} if env else None)
-    else:
-        path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-        # address="local": always a fresh instance, never a cluster someone started with `ray start`
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": path}}, logging_level=logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:

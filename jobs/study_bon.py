@@ -37,8 +37,8 @@ from dmoerm.studies.bon import (
     load_bon_config,
 )
 from dmoerm.studies.report import TrialCache, log_study, study_tracking
+from jobs.connect_ray import init_ray
 
-REPO = Path(__file__).resolve().parents[1]
 STAGE = "study-bon"
 logger = logging.getLogger(__name__)
 
@@ -155,24 +155,6 @@ def run_study(cfg: BonStudyConfig) -> dict[str, Any]:
             "seconds": round(time.monotonic() - t0, 1)}
 
 
-def _init_ray(address: str | None) -> None:
-    """Join the submitted job's cluster or ``address``, else start a local instance whose workers import
-    ``jobs`` from this checkout."""
-    if ray.is_initialized():
-        return
-    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
-        ray.init(address=address or "auto")
-    elif address:
-        from dmoerm.submit import forwarded_env
-
-        env = forwarded_env()
-        ray.init(address=address, runtime_env={"env_vars": env} if env else None)
-    else:
-        path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-        ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}},
-                 logging_level=logging.WARNING)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="YAML of BonStudyConfig fields (configs/study_bon.yaml)")
@@ -185,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"study bon: error: {e}", file=sys.stderr)
         return 2
-    _init_ray(args.address)
+    init_ray(args.address)
     try:
         summary = run_study(cfg)
     except (ValueError, FileNotFoundError) as e:

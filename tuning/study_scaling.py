@@ -22,8 +22,8 @@ from pathlib import Path
 from dmoerm.config import PipelineConfig
 from dmoerm.stages.store import StageStore
 from dmoerm.studies.scaling import ScalingConfig, SharedKeys, Subset, load_study_config, prepare_shared, run_trial
+from jobs.connect_ray import init_ray
 
-REPO = Path(__file__).resolve().parents[1]
 logger = logging.getLogger(__name__)
 
 
@@ -61,22 +61,6 @@ def run_grid(cfg: PipelineConfig, store: StageStore, shared: SharedKeys, study: 
         raise RuntimeError(f"{len(failed)} scaling trial(s) failed, first ({failed[0].config}): {failed[0].error}")
     trials = [json.loads(r.metrics["result_json"]) for r in grid]
     return sorted(trials, key=lambda t: (t["subset"]["fraction"], t["subset"]["num_categories"], t["subset"]["seed"]))
-
-
-def init_ray(address: str | None, num_cpus: int | None) -> bool:
-    """Join ``address`` or start a fresh local instance (never a cluster ``ray start`` left behind);
-    False when one is already up in this process (a test's)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if address:
-        ray.init(address=address)
-    else:
-        path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
-                 runtime_env={"env_vars": {"PYTHONPATH": path}})
-    return True
 
 
 def run_study(config: str, overrides: list[str] | None = None, address: str | None = None,

@@ -110,18 +110,6 @@ def test_slots_count_every_resource_a_worker_reserves():
         ResourceConfig(own_trainer_rows=-1)
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["auto", "category"])

@@ -17,18 +17,6 @@ PROMPTS = [f"question {i}: " + "tell me more " * (i % 4) for i in range(6)] + [
     [Turn("user", "how do I fix my bike?")], [Turn("system", "be brief"), Turn("user", "a cake recipe please")]]
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 def test_ray_job_gives_the_in_process_candidates(local_ray, tmp_path, torch_single_thread):

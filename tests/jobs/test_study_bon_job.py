@@ -21,18 +21,6 @@ SCORERS = [("DMoERM", "dmoerm", {}), ("single RM", "baseline", {}),
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def minilm_bundle(tmp_path_factory):
     """A DMoERM on the MiniLM base (random router, perturbed experts, expert statistics for the penalised
     reward) with a perturbed single-RM top, and a 3-member RM ensemble in ``<bundle>/ensemble``."""

@@ -16,18 +16,6 @@ from pipeline_fixtures import REPO, write_config, write_task
 FRACTIONS, COUNTS = [0.5, 1.0], [1, 2]
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
 def _result(out: str) -> dict:
     return json.loads(next(x for x in out.splitlines() if x.startswith("RESULT "))[len("RESULT "):])
 
