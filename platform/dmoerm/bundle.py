@@ -134,15 +134,20 @@ def category_dir(entry: dict[str, Any], bundle: Path) -> str:
     return folder
 
 
-def read_meta(path: str | Path) -> dict[str, Any]:
-    meta_path = Path(path) / "bundle.json"
+def read_format_json(path: str | Path, name: str, fmt: int, kind: str, what: str) -> dict[str, Any]:
+    """``<path>/<name>``, refused with a clear error when missing (not ``what``) or of another ``kind`` format."""
+    meta_path = Path(path) / name
     if not meta_path.exists():
-        raise ValueError(f"{path} is not a DMoERM bundle: bundle.json is missing")
+        raise ValueError(f"{path} is not {what}: {name} is missing")
     meta = json.loads(meta_path.read_text())
-    if meta.get("format") != BUNDLE_FORMAT:
-        raise ValueError(f"{meta_path}: bundle format {meta.get('format')} is not supported "
-                         f"(this version reads format {BUNDLE_FORMAT})")
+    if meta.get("format") != fmt:
+        raise ValueError(f"{meta_path}: {kind} format {meta.get('format')} is not supported "
+                         f"(this version reads format {fmt})")
     return meta
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    return read_format_json(path, "bundle.json", BUNDLE_FORMAT, "bundle", "a DMoERM bundle")
 
 
 def load_bundle(path: str | Path, *, base: str | None = None, batch_size: int = 32,

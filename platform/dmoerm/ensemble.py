@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import torch
 
-from dmoerm.bundle import base_meta, save_tensors
+from dmoerm.bundle import base_meta, read_format_json, save_tensors
 from dmoerm.data.records import Sample, Turn
 from dmoerm.modeling.backbone import Backbone, Encoded, length_batches
 from dmoerm.modeling.reward_model import SingleRewardModel
@@ -185,12 +185,7 @@ def load_ensemble(path: str | Path, backbone: Backbone | None = None, *, device:
 
     folder = Path(path)
     meta_path = folder / "ensemble.json"
-    if not meta_path.exists():
-        raise ValueError(f"{folder} is not an ensemble: ensemble.json is missing")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != ENSEMBLE_FORMAT:
-        raise ValueError(f"{meta_path}: ensemble format {meta.get('format')} is not supported "
-                         f"(this version reads format {ENSEMBLE_FORMAT})")
+    meta = read_format_json(folder, "ensemble.json", ENSEMBLE_FORMAT, "ensemble", "an ensemble")
     base = meta.get("base")
     if backbone is None:
         if base is None:

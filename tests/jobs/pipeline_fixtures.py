@@ -3,10 +3,16 @@ trained on everything struggles with (multi-task interference) and DMoERM's rout
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -66,3 +72,58 @@ def run_job(config: str, *args: str, env: dict | None = None, timeout: int = 600
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
     return json.loads(line[len("RESULT "):]) | {"stdout": out.stdout}
+
+
+@contextlib.contextmanager
+def ray_head(extra_env: dict[str, str] | None = None) -> Iterator[tuple[str, Path]]:
+    """A Ray head started the way a user or operator starts one (``ray start --head`` from the activated
+    virtual environment, so jobs run its ``python``), with ``extra_env`` in the node's environment; yields
+    (dashboard address, its temp dir) and stops it, with every daemon it spawned, afterwards."""
+    import httpx
+    import pytest
+    from services import free_port
+
+    temp = tempfile.mkdtemp(prefix="rh-", dir="/tmp")  # short: Ray's unix sockets live under it
+    port, dash = free_port(), free_port()
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           **(extra_env or {})}
+    proc = subprocess.Popen([ray_bin, "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
+                             "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+                             "--dashboard-port", str(dash), "--temp-dir", temp, "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{address}/api/version", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        else:
+            pytest.fail("ray head did not start in 90 s")
+        yield address, Path(temp)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        subprocess.run(["pkill", "-9", "-f", temp], check=False)  # daemons that left the process group
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def files_holding(folder: Path, needles: list[str], skip: tuple[str, ...] = ()) -> list[str]:
+    """``file: needle`` for every file under ``folder`` (not under a part named in ``skip``) holding a needle."""
+    hits = []
+    for p in folder.rglob("*"):
+        if not p.is_file() or p.is_symlink() or any(part in skip for part in p.parts):
+            continue
+        try:
+            blob = p.read_bytes()
+        except OSError:
+            continue
+        hits += [f"{p}: {n}" for n in needles if n.encode() in blob]
+    return hits

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from fake_judge import FakeJudge, per_capability, prefer_marker
-from pipeline_fixtures import REPO, write_config, write_task
+from pipeline_fixtures import REPO, files_holding, write_config, write_task
 
 from dmoerm.data.records import Sample, Turn
 from dmoerm.labeling import JudgeConfig
@@ -105,19 +105,6 @@ def _judge_config(folder: Path, base: str, judge: FakeJudge, **judge_fields) -> 
     return path
 
 
-def _scan(folder: Path, needles: list[str]) -> list[str]:
-    """Files under ``folder`` holding any of ``needles``."""
-    hits = []
-    for p in folder.rglob("*"):
-        if p.is_file() and not p.is_symlink():
-            try:
-                blob = p.read_bytes()
-            except OSError:
-                continue
-            hits += [f"{p}: {n}" for n in needles if n.encode() in blob]
-    return hits
-
-
 @pytest.mark.ray
 @pytest.mark.integration
 @pytest.mark.slow
@@ -148,11 +135,11 @@ def test_pipeline_job_labels_with_the_judge(tmp_path, tiny_bert_dir, judge):
         # ... and nothing else: not the output, the logs, MLflow's store and artifacts, nor Ray's session logs
         for text in (out.stdout, out.stderr):
             assert JUDGE_KEY not in text and aws_secret not in text
-        assert _scan(tmp_path, [JUDGE_KEY, aws_secret]) == []
+        assert files_holding(tmp_path, [JUDGE_KEY, aws_secret]) == []
         # Ray's own logs: not the judge's key. (Ray Tune itself copies AWS_ACCESS_KEY_ID/_SECRET_ACCESS_KEY/
         # _SESSION_TOKEN from the driver's environment into its trial actors' runtime_env, which Ray's runtime
         # env agent logs: ray/tune/execution/class_cache.py; the README says to give S3 credentials by role.)
-        assert _scan(Path(ray_tmp), [JUDGE_KEY]) == []
+        assert files_holding(Path(ray_tmp), [JUDGE_KEY]) == []
         # a re-run asks nothing
         before = judge.total_answered
         again = subprocess.run([sys.executable, "-m", "jobs.run_pipeline", "--config", config, "--num-cpus", "2"],

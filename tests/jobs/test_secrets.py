@@ -6,20 +6,14 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 from fake_judge import FakeJudge, per_capability, prefer_marker
-from pipeline_fixtures import REPO, write_config, write_task
+from pipeline_fixtures import REPO, files_holding, ray_head, write_config, write_task
 
 from dmoerm.labeling import JudgeConfig
 from dmoerm.redact import redact_credentials
@@ -95,58 +89,11 @@ def test_a_local_ray_instance_gets_no_secret_in_its_runtime_env(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------- a submitted job
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def secret_cluster():
     """A Ray head started as an operator starts one, with the judge's key in the nodes' environment."""
-    temp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")  # short: Ray's unix sockets live under it
-    port, dash = _free_port(), _free_port()
-    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
-    env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "DMOERM_TEST_JUDGE_KEY": CLUSTER_KEY}
-    proc = subprocess.Popen([ray_bin, "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
-                             "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-                             "--dashboard-port", str(dash), "--temp-dir", temp, "--disable-usage-stats"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{address}/api/version", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(1)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("ray head did not start in 90 s")
-    yield address, Path(temp)
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    shutil.rmtree(temp, ignore_errors=True)
-
-
-def _files_holding(folder: Path, needles: list[str], skip: tuple[str, ...] = ()) -> list[str]:
-    hits = []
-    for p in folder.rglob("*"):
-        if not p.is_file() or p.is_symlink() or any(part in skip for part in p.parts):
-            continue
-        try:
-            blob = p.read_bytes()
-        except OSError:
-            continue
-        hits += [f"{p}: {n}" for n in needles if n.encode() in blob]
-    return hits
+    with ray_head({"DMOERM_TEST_JUDGE_KEY": CLUSTER_KEY}) as (address, temp):
+        yield address, temp
 
 
 def _mlflow_text(tracking_uri: str, experiment: str, download_to: Path) -> str:
@@ -209,9 +156,9 @@ def test_submitted_judge_job_reads_its_key_from_the_cluster_and_leaks_nothing(se
              "job logs": [s for s in planted if s in logs],
              "dmoerm submit output": [s for s in planted if s in out.stdout + out.stderr],
              "MLflow params/tags/model versions": [s for s in planted if s in mlflow_text],
-             "MLflow artifacts, storage, output": _files_holding(tmp_path, planted, skip=(config.name,)),
+             "MLflow artifacts, storage, output": files_holding(tmp_path, planted, skip=(config.name,)),
              # Ray's own logs; the job's uploaded files (its config) are the job's, not a log
-             "Ray session logs": _files_holding(ray_temp, planted, skip=("runtime_resources",))}
+             "Ray session logs": files_holding(ray_temp, planted, skip=("runtime_resources",))}
     assert found == {k: [] for k in found}
     assert "'labels.judge.max_tokens': '8'" in mlflow_text
     assert "'platform.s3_endpoint_url': 'http://***@127.0.0.1:9'" in mlflow_text
